@@ -1,0 +1,45 @@
+# deepalign: `make demo` and `make test` are the two commands a new user needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format bench fashion-mnist clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deepalign demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+# Benchmarks need the peer package `rebasin` (kept out of the runtime dependencies).
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/run_all.py
+
+# Fashion-MNIST's IDX files from Debian (needs root): /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

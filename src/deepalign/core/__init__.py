@@ -1,0 +1,1 @@
+"""Core objects: specs, permutations, architectures, checkpoints."""

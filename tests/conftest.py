@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models on disk and a CLI runner that calls the real entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepalign.cli.app import main
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``deepalign ARGS`` in-process; returns exit code, stdout and stderr."""
+
+    def run(*args: str) -> CliResult:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def run_subprocess(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter (used where a test must kill or isolate it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "deepalign.cli.app", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def randomize_bn_stats(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give BatchNorm layers trained-looking running stats (fresh ones hide permutation bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path
