@@ -40,6 +40,7 @@ class _Walker:
         self.groups: dict[str, int] = {}
         self.axes: dict[str, tuple[AxisPerm | None, ...]] = {}
         self.flattened = False
+        self.probes: dict[str, str] = {}
 
     def new_group(self, size: int) -> AxisPerm:
         name = f"P{len(self.groups)}"
@@ -105,17 +106,33 @@ class _Walker:
             self.flattened = True
             return cur
         if isinstance(m, (*_PASS_THROUGH, Sine)):
+            if cur is not None and not self.flattened:
+                self.probes[cur.group] = prefix.rstrip(".")
             return cur
         raise DeepAlignError(
             f"{prefix.rstrip('.') or 'model'}: no spec rule for layer {type(m).__name__}"
         )
 
 
-def spec_for_module(module: nn.Module) -> PermutationSpec:
-    """The permutation spec of a layer tree built from supported layers (see :mod:`deepalign.core.arch`)."""
+def _walk(module: nn.Module) -> _Walker:
     params = _param_layers(module)
     if not params:
         raise DeepAlignError("model has no Linear or Conv2d layer")
     walker = _Walker()
     walker.walk(module, "", None, {id(params[-1]): None})
+    return walker
+
+
+def spec_for_module(module: nn.Module) -> PermutationSpec:
+    """The permutation spec of a layer tree built from supported layers (see :mod:`deepalign.core.arch`)."""
+    walker = _walk(module)
     return PermutationSpec(walker.groups, walker.axes)
+
+
+def activation_probes(module: nn.Module) -> dict[str, str]:
+    """Per group, the submodule path whose output is that group's post-activation signal.
+
+    Activation matching hooks these modules; channels are axis 1 of the hooked output. A group whose
+    neurons are never followed by an activation or pooling layer has no probe.
+    """
+    return _walk(module).probes
