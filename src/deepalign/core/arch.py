@@ -147,11 +147,16 @@ def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def mlp(widths: Sequence[int], act: str = "relu", norm: str | None = None) -> nn.Sequential:
-    """``widths = [d_in, h_1, ..., d_out]``; ``norm`` is None, "batchnorm" or "layernorm"."""
+def mlp(
+    widths: Sequence[int], act: str = "relu", norm: str | None = None, flatten_input: bool = False
+) -> nn.Sequential:
+    """``widths = [d_in, h_1, ..., d_out]``; ``norm`` is None, "batchnorm" or "layernorm".
+
+    ``flatten_input`` puts a ``Flatten`` first, so the MLP takes images like a CNN does.
+    """
     if len(widths) < 2:
         raise DeepAlignError("an MLP needs at least an input and an output width")
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [nn.Flatten()] if flatten_input else []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
