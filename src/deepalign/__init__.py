@@ -13,6 +13,7 @@ from deepalign.core.permutation import (
 )
 from deepalign.core.spec import AxisPerm, PermutationSpec
 from deepalign.core.spec_builders import spec_for_module
+from deepalign.core.trace import spec_from_model
 from deepalign.core.verify import permuted_module, verify
 from deepalign.errors import DeepAlignError
 
@@ -41,5 +42,6 @@ __all__ = [
     "save_state",
     "siren",
     "spec_for_module",
+    "spec_from_model",
     "verify",
 ]

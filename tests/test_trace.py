@@ -1,0 +1,215 @@
+"""The torch.fx tracer: same specs as the hand rules, any traceable module, loud on unknown ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import deepalign as da
+from arch_strategies import BUILDERS, Case
+from deepalign.core.spec import AxisPerm, PermutationSpec
+from deepalign.errors import DeepAlignError
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+@settings(max_examples=12, deadline=None)
+@given(data=st.data(), seed=st.integers(0, 1000))
+def test_traced_spec_equals_hand_spec(kind: str, data, seed: int) -> None:
+    case: Case = data.draw(BUILDERS[kind])
+    traced = da.spec_from_model(case.model, case.x)
+    hand = da.spec_for_module(case.model)
+    assert traced.same_structure(hand), (traced.describe(), hand.describe())
+    assert da.verify(case.model, traced, case.x, seed=seed) < TOL
+
+
+def test_group_names_are_readable_and_deterministic() -> None:
+    m = da.cnn(1, [3, 5], 4, 8)
+    x = torch.randn(2, 1, 8, 8)
+    a, b = da.spec_from_model(m, x), da.spec_from_model(da.cnn(1, [3, 5], 4, 8), x)
+    assert list(a.groups) == ["0.out", "3.out"]
+    assert a.to_json() == b.to_json()
+
+
+class TwoPath(nn.Module):
+    """A hand-written forward: residual add, functional ops, view/flatten, a mean, scalars."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.c3 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5 * 4 * 4, 7)
+        self.ln = nn.LayerNorm(7)
+        self.gain = nn.Parameter(torch.randn(7))
+        self.head = nn.Linear(7, 3)
+        self.side = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.c1(x)))
+        h = h + 0.5 * torch.tanh(self.c2(h))  # residual: c1's and c2's outputs share a group
+        h = F.max_pool2d(torch.sin(self.c3(h)), 2)
+        pooled = h.mean((2, 3))  # spatial mean: the channels stay a group
+        z = h.view(h.size(0), -1)  # flatten C,H,W: channel blocks of 16
+        z = self.ln(torch.sigmoid(self.fc(z)) * self.gain)
+        return self.head(z) + self.side(pooled.relu())
+
+
+def test_custom_module_with_residual_in_forward() -> None:
+    from conftest import randomize_bn_stats
+
+    torch.manual_seed(0)
+    m = TwoPath().eval()
+    randomize_bn_stats(m, seed=1)
+    nn.init.normal_(m.ln.weight)
+    x = torch.randn(4, 3, 8, 8)
+    spec = da.spec_from_model(m, x)
+    a, b, c = AxisPerm("a"), AxisPerm("b"), AxisPerm("c")
+    n = None
+    expected = PermutationSpec(
+        {"a": 6, "b": 5, "c": 7},
+        {
+            "c1.weight": (a, n, n, n),
+            "c1.bias": (a,),
+            "bn.weight": (a,),
+            "bn.bias": (a,),
+            "bn.running_mean": (a,),
+            "bn.running_var": (a,),
+            "bn.num_batches_tracked": (),
+            "c2.weight": (a, a, n, n),
+            "c3.weight": (b, a, n, n),
+            "c3.bias": (b,),
+            "fc.weight": (c, AxisPerm("b", 16)),
+            "fc.bias": (c,),
+            "ln.weight": (c,),
+            "ln.bias": (c,),
+            "gain": (c,),
+            "head.weight": (n, c),
+            "head.bias": (n,),
+            "side.weight": (n, b),
+            "side.bias": (n,),
+        },
+    )
+    assert spec.same_structure(expected), spec.describe()
+    assert da.verify(m, spec, x, seed=2) < TOL
+    # and the spec is not vacuous: leaving the gain out breaks the function
+    broken = dict(spec.axes)
+    broken["gain"] = (None,)
+    assert da.verify(m, PermutationSpec(spec.groups, broken), x, seed=2) > 1e-2
+
+
+class InputSkip(nn.Module):
+    """``x + layer(x)``: the layer's outputs are tied to the network input, so never permuted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.b(x + self.a(x))))
+
+
+def test_axes_tied_to_inputs_are_not_permuted() -> None:
+    m = InputSkip()
+    x = torch.randn(3, 4)
+    spec = da.spec_from_model(m, x)
+    assert spec.groups == {"b.out": 6}
+    assert spec.axes["a.weight"] == (None, None) and spec.axes["a.bias"] == (None,)
+    assert da.verify(m, spec, x) < TOL
+
+
+def test_tracing_leaves_the_model_as_it_was() -> None:
+    from conftest import randomize_bn_stats
+
+    m = da.resnet(2, [3, 4], 2).train()
+    randomize_bn_stats(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    da.spec_from_model(m, torch.randn(4, 2, 4, 4))
+    assert all(mod.training for mod in m.modules())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+class Cumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cumsum(self.a(x), dim=-1))
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.attn = nn.Linear(3, 4), nn.MultiheadAttention(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.attn(h, h, h)[0]
+
+
+class Indexing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)[:, :2])
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "pattern"),
+    [
+        (Cumsum, (2, 3), r"function torch\.cumsum \(fx node 'cumsum'\)"),
+        (Attention, (2, 2, 3), r"module MultiheadAttention 'attn' \(fx node 'attn'\)"),
+        (Indexing, (2, 3), r"getitem \(fx node 'getitem'\)"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4)), (2, 3), "module GroupNorm"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(2, 4, 1, groups=2), nn.Flatten()),
+            (1, 2, 2, 2),
+            "groups=2",
+        ),
+        (Branchy, (2, 3), r"Branchy is not traceable with torch\.fx \(TraceError"),
+        (
+            lambda: da.mlp([3, 4, 2]),
+            (2, 5),
+            r"input of shape \(2, 5\) does not run .* fx node '_0'",
+        ),
+    ],
+)
+def test_unsupported_models_give_one_line_errors(model, shape, pattern) -> None:
+    with pytest.raises(DeepAlignError, match=pattern) as info:
+        da.spec_from_model(model(), torch.randn(*shape))
+    assert "\n" not in str(info.value)
+
+
+def test_a_new_op_is_a_few_local_lines() -> None:
+    from deepalign.core import trace
+
+    assert torch.cumsum not in trace._FUNCTIONS
+    try:
+
+        @trace.handles(torch.cumsum)
+        def _(op: trace.Op) -> None:  # cumsum mixes the summed axis: only the batch axis moves
+            op.leading(1)
+
+        spec = da.spec_from_model(Cumsum(), torch.randn(2, 3))
+        assert spec.groups == {}  # the hidden axis is fixed, so nothing is permuted (and no error)
+        assert da.verify(Cumsum(), spec, torch.randn(2, 3)) == 0.0
+    finally:
+        del trace._FUNCTIONS[torch.cumsum]
