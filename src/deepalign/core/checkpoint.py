@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,16 @@ def parse_arch(text: str) -> Config:
         return describe(_arch.mlp(widths, m.group(2) or "relu"))
     p = Path(text)
     try:
-        raw = p.read_text() if p.is_file() else text
+        is_file = p.is_file()
+    except OSError:  # e.g. JSON text longer than a file name may be
+        is_file = False
+    try:
+        raw = p.read_text() if is_file else text
         config = json.loads(raw)
-    except (json.JSONDecodeError, OSError):
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        shown = text if len(text) <= 80 else text[:77] + "..."
         raise DeepAlignError(
-            f"--arch {text!r}: not a JSON file, JSON text or 'mlp:IN-H-...-OUT'"
+            f"--arch {shown!r}: not a JSON file, JSON text or 'mlp:IN-H-...-OUT'"
         ) from None
     build(config, where="--arch")  # validates
     return config
@@ -89,12 +95,14 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], Config | Non
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a corrupt file can trigger unpickler warnings
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise DeepAlignError(
                 f"{path}: refused to unpickle (not a plain tensor state dict)"
             ) from None
-        except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001  (a corrupt pickle can fail in any way)
             raise DeepAlignError(
                 f"{path}: not a readable torch file ({exc.__class__.__name__})"
             ) from None
