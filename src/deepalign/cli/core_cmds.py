@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from deepalign.cli.common import SEED, app, console
 from deepalign.core import permutation as P
 from deepalign.core.arch import build
 from deepalign.core.checkpoint import load_state, parse_arch, save_state
+from deepalign.core.io import atomic_path
 from deepalign.core.spec_builders import spec_for_module
 from deepalign.errors import DeepAlignError
 
@@ -121,8 +123,11 @@ def permute(
     x = example_input(module, config)
     with torch.no_grad():
         diff = float((other(x) - module(x)).abs().max())
-    save_state(moved, out, config, {"permuted_from": str(path), "seed": seed})
-    if perm_out is not None:
-        P.save_json(perm, perm_out)
+    # both targets are claimed before either is written: one bad path leaves no output at all
+    perm_target = atomic_path(perm_out) if perm_out is not None else contextlib.nullcontext()
+    with atomic_path(out) as tmp_out, perm_target as tmp_perm:
+        save_state(moved, tmp_out, config, {"permuted_from": str(path), "seed": seed})
+        if tmp_perm is not None:
+            P.save_json(perm, tmp_perm)
     console.print(f"wrote {out}  ({len(spec.groups)} groups permuted, seed {seed})")
     console.print(f"largest output difference on 64 random inputs: {diff:.3g}")
