@@ -1,0 +1,165 @@
+"""Activation matching (Git Re-Basin): pair neurons whose activations correlate most over data.
+
+Both networks run over the data set in batches; forward hooks on each group's probe module
+(:func:`deepalign.core.spec_builders.activation_probes`; channels on axis 1, spatial positions of
+conv maps count as samples) feed running sums, sums of squares and cross products, so memory does
+not grow with the data set. One linear assignment per group on the Pearson correlation matrix.
+
+Units that never vary on the data (dead ReLUs) correlate with nothing, so their assignment would be
+arbitrary; in groups that have them, the weight-matching score (other groups at their activation
+matching answer), scaled to 1e-6, breaks those ties. A group without a probe (no activation after
+it) is solved by weight matching with the others fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deepalign.core.permutation import Permutation
+from deepalign.core.spec import PermutationSpec, StateDict
+from deepalign.core.spec_builders import activation_probes
+from deepalign.errors import DeepAlignError
+from deepalign.lmc.batches import labelled_batches
+from deepalign.solvers.assignment import linear_assignment
+from deepalign.solvers.registry import register
+from deepalign.solvers.wm import Scores, coordinate_descent
+
+
+class CorrelationStats:
+    """Streaming Pearson correlation between the columns of two sample streams ``(m, n)``."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        z = dict(dtype=torch.float64, device=device)
+        self.count = 0
+        self.shift_a: Tensor | None = None
+        self.shift_b: Tensor | None = None
+        self.sa, self.sb = torch.zeros(n, **z), torch.zeros(n, **z)
+        self.saa, self.sbb = torch.zeros(n, **z), torch.zeros(n, **z)
+        self.sab = torch.zeros(n, n, **z)
+
+    def update(self, xa: Tensor, xb: Tensor) -> None:
+        xa, xb = xa.double(), xb.double()
+        if self.shift_a is None:  # centre on the first batch: exact, and keeps sums small
+            self.shift_a, self.shift_b = xa.mean(0), xb.mean(0)
+        xa, xb = xa - self.shift_a, xb - self.shift_b
+        self.count += xa.shape[0]
+        self.sa += xa.sum(0)
+        self.sb += xb.sum(0)
+        self.saa += (xa * xa).sum(0)
+        self.sbb += (xb * xb).sum(0)
+        self.sab += xa.T @ xb
+
+    def correlation(self, eps: float = 1e-12) -> tuple[Tensor, bool]:
+        """The correlation matrix, and whether some unit never varied (a dead unit)."""
+        if self.count == 0:
+            raise DeepAlignError("am: no activations were recorded (empty data set?)")
+        m = self.count
+        ma, mb = self.sa / m, self.sb / m
+        cov = self.sab / m - ma[:, None] * mb[None, :]
+        sd_a = (self.saa / m - ma * ma).clamp_min(0).sqrt()
+        sd_b = (self.sbb / m - mb * mb).clamp_min(0).sqrt()
+        dead = bool((sd_a <= eps).any() or (sd_b <= eps).any())
+        return cov / (sd_a[:, None] * sd_b[None, :] + eps), dead
+
+
+def _as_samples(out: Tensor) -> Tensor:
+    """``(batch, C, ...)`` -> ``(batch * ..., C)``: positions of a feature map are samples."""
+    if out.dim() == 1:
+        out = out.unsqueeze(0)
+    return out.movedim(1, -1).reshape(-1, out.shape[1])
+
+
+def _copy_with(module: nn.Module, state: StateDict, device: torch.device) -> nn.Module:
+    net = copy.deepcopy(module).to(device)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+@register("am", needs_data=True)
+def activation_matching(
+    a: StateDict,
+    b: StateDict,
+    spec: PermutationSpec,
+    *,
+    module: nn.Module | None = None,
+    data: Any = None,
+    init: Permutation | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+) -> tuple[Permutation, dict[str, Any]]:
+    """Activation matching over ``data`` (a Dataset, a tensor of inputs or ``(x, y)``).
+
+    Needs ``module`` (the architecture; weights come from ``a`` and ``b``). ``init`` only seeds the
+    groups without a probe. ``info`` has ``examples`` seen and ``mean_correlation`` per group.
+    """
+    if module is None:
+        raise DeepAlignError("method 'am' needs the model's architecture (module=...)")
+    if data is None:
+        raise DeepAlignError("method 'am' needs data; pass a data set (--data NAME)")
+    device = next(iter(a.values())).device
+    probes = activation_probes(module)
+    net_a, net_b = _copy_with(module, a, device), _copy_with(module, b, device)
+    seen: dict[str, dict[str, Tensor]] = {"a": {}, "b": {}}
+    handles = []
+    for side, net in (("a", net_a), ("b", net_b)):
+        for g, path in probes.items():
+
+            def hook(_m: nn.Module, _i: Any, out: Tensor, side=side, g=g) -> None:
+                seen[side][g] = out
+
+            handles.append(net.get_submodule(path).register_forward_hook(hook))
+    stats = {g: CorrelationStats(spec.groups[g], device) for g in probes}
+    examples = 0
+    try:
+        with torch.no_grad():
+            for i, (x, _) in enumerate(labelled_batches(data, batch_size, device=device)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                net_a(x)
+                net_b(x)
+                for g, st in stats.items():
+                    st.update(_as_samples(seen["a"][g]), _as_samples(seen["b"][g]))
+                examples += x.shape[0]
+    except RuntimeError as exc:
+        raise DeepAlignError(
+            f"am: the data does not fit the model ({str(exc).splitlines()[0][:100]})"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    perm: Permutation = (
+        {g: p.to(device) for g, p in init.items()}
+        if init is not None
+        else {g: torch.arange(n, device=device) for g, n in spec.groups.items()}
+    )
+    corr, dead = {}, []
+    for g, st in stats.items():
+        corr[g], has_dead = st.correlation()
+        perm[g] = linear_assignment(corr[g]).to(device)
+        if has_dead:
+            dead.append(g)
+    if dead:  # break the ties of dead units by weights, other groups at the answer above
+        scores = Scores(a, b, spec, dead)
+        fixed = dict(perm)
+        for g in dead:
+            w = scores.score(g, fixed).double().to(corr[g].device)
+            perm[g] = linear_assignment(corr[g] + 1e-6 * w / (w.abs().max() + 1e-30)).to(device)
+    mean_corr = {
+        g: float(c.gather(1, perm[g].unsqueeze(1).to(c.device)).mean()) for g, c in corr.items()
+    }
+    info: dict[str, Any] = {
+        "iterations": 1,
+        "examples": examples,
+        "mean_correlation": mean_corr,
+        "groups_with_dead_units": dead,
+    }
+    rest = [g for g in spec.groups if g not in probes]
+    if rest:
+        perm, wm_info = coordinate_descent(a, b, spec, perm, seed, groups=rest, history=False)
+        info["wm_groups"] = rest
+    return perm, info
