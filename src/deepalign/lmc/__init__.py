@@ -1,1 +1,21 @@
-"""deepalign.lmc"""
+"""Linear mode connectivity: interpolate two networks, evaluate along the segment, barrier and AUC.
+
+Convention: ``lam = 0`` is A, ``lam = 1`` is aligned B, ``merged = (1 - lam) * A + lam * B``.
+"""
+
+from deepalign.lmc.batches import labelled_batches
+from deepalign.lmc.curves import evaluate, has_batchnorm, lmc_curve, lmc_curves, reset_bn_stats
+from deepalign.lmc.interpolate import interpolate
+from deepalign.lmc.metrics import auc, barrier
+
+__all__ = [
+    "auc",
+    "barrier",
+    "evaluate",
+    "has_batchnorm",
+    "interpolate",
+    "labelled_batches",
+    "lmc_curve",
+    "lmc_curves",
+    "reset_bn_stats",
+]
