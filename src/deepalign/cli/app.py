@@ -6,6 +6,8 @@ import sys
 
 import typer
 
+import deepalign.cli.align_cmds  # noqa: F401  (registers align, merge, lmc, similarity)
+import deepalign.cli.zoo_cmds  # noqa: F401  (registers zoo, export)
 from deepalign.cli import core_cmds  # noqa: F401  (registers inspect, permute)
 from deepalign.cli.common import app, err_console
 from deepalign.errors import DeepAlignError

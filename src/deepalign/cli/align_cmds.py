@@ -1,0 +1,438 @@
+"""`deepalign align`, `merge`, `lmc` and `similarity`: the classic solvers on checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from torch import nn
+
+from deepalign.cli.common import (
+    DEVICE,
+    SEED,
+    app,
+    console,
+    err_console,
+    resolve_device,
+    seed_everything,
+    track,
+)
+from deepalign.cli.core_cmds import load_checkpoint
+from deepalign.core import permutation as P
+from deepalign.core.checkpoint import save_state
+from deepalign.core.io import atomic_write_text
+from deepalign.core.spec import PermutationSpec, StateDict
+from deepalign.errors import DeepAlignError
+
+METHOD = typer.Option(
+    "wm",
+    "--method",
+    "-m",
+    help="identity, wm, am (needs --data), sinkhorn, deepalign (needs --aligner), or a chain "
+    "such as wm+sinkhorn (the first answer starts the second).",
+)
+DATA = typer.Option(
+    None,
+    "--data",
+    help="Data set for methods that use data: digits, fashion-mnist, mnist, cifar10.",
+)
+DATA_DIR = typer.Option(None, "--data-dir", help="Folder holding the data set's files.")
+OPTS = typer.Option(
+    [], "--opt", "-o", help="Method option KEY=VALUE, repeatable (e.g. -o steps=500 -o lr=0.05)."
+)
+ALIGNER = typer.Option(None, "--aligner", help="Trained Deep-Align folder (methods deepalign*).")
+
+
+class Pair:
+    """Checkpoints of one architecture on one device: ``states[0]`` is A, ``states[1]`` is B."""
+
+    def __init__(self, paths: list[Path], device: torch.device) -> None:
+        state, config, module, spec, _ = load_checkpoint(paths[0])
+        self.states = [{k: v.to(device) for k, v in state.items()}]
+        for p in paths[1:]:
+            other, other_config, _, _, _ = load_checkpoint(p)
+            if other_config != config:
+                raise DeepAlignError(
+                    f"{paths[0]} and {p} have different architectures; both must be the same"
+                )
+            self.states.append({k: v.to(device) for k, v in other.items()})
+        self.paths = list(paths)
+        self.config: dict = config
+        self.module: nn.Module = module.to(device)
+        self.spec: PermutationSpec = spec
+        self.device = device
+
+    @property
+    def a(self) -> StateDict:
+        return self.states[0]
+
+    @property
+    def b(self) -> StateDict:
+        return self.states[1]
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; values are JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DeepAlignError(f"--opt {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def fit_data(ds: Any, pair: Pair) -> Any:
+    """``ds`` as the model reads it: images as they are, or flattened for MLPs without Flatten."""
+    ds = ds.to(pair.device)
+    for candidate in (ds, (ds.x.flatten(1), ds.y)):
+        x = candidate.x if candidate is ds else candidate[0]
+        try:
+            with torch.no_grad():
+                pair.module(x[:2])
+            return candidate
+        except RuntimeError:
+            continue
+    raise DeepAlignError(
+        f"data set {ds.name} (images {tuple(ds.x.shape[1:])}) does not fit the model in {pair.paths[0]}"
+    )
+
+
+def load_data(
+    name: str,
+    split: str,
+    data_dir: Path | None,
+    pair: Pair,
+    examples: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """Split ``split`` of data set ``name`` (a seeded subset of ``examples`` when given), fitted."""
+    from deepalign.data import load
+
+    ds = load(name, split=split, data_dir=data_dir)
+    if examples is not None and examples < len(ds):
+        ds = ds.subset(examples, seed=seed)
+    return fit_data(ds, pair)
+
+
+def check_method(method: str, data: str | None, aligner: Path | None) -> None:
+    """Fail early (before any work or file) on an unknown method or missing data."""
+    from deepalign.solvers.registry import needs_data, resolve
+
+    if any(p.strip().startswith("deepalign") for p in method.split("+")) and aligner is None:
+        raise DeepAlignError(f"method {method!r} needs a trained aligner (--aligner DIR)")
+    resolve(method)
+    if data is None and needs_data(method):
+        raise DeepAlignError(f"method {method!r} needs data: pass --data NAME (e.g. --data digits)")
+
+
+def solve(
+    pair: Pair,
+    method: str,
+    data: Any,
+    seed: int,
+    options: dict[str, Any],
+    aligner: Path | None = None,
+    a: StateDict | None = None,
+    b: StateDict | None = None,
+) -> tuple[P.Permutation, dict[str, Any]]:
+    """Run the method on the pair (or on the given states of its architecture)."""
+    from deepalign.solvers.registry import align
+
+    opts = dict(options)
+    if aligner is not None and any(p.strip().startswith("deepalign") for p in method.split("+")):
+        opts["aligner"] = str(aligner)
+    return align(
+        pair.a if a is None else a,
+        pair.b if b is None else b,
+        pair.spec,
+        method,
+        module=pair.module,
+        data=data,
+        seed=seed,
+        **opts,
+    )
+
+
+def _summary(info: dict[str, Any]) -> str:
+    return (
+        f"method {info['method']}: weight distance {info['l2_before']:.4g} -> {info['l2']:.4g}, "
+        f"objective {info['objective_before']:.6g} -> {info['objective']:.6g}, "
+        f"{info['iterations']} iterations, {info['seconds']:.3g} s"
+    )
+
+
+@app.command()
+def align(
+    a: Path = typer.Argument(..., help="Reference checkpoint A."),
+    b: Path = typer.Argument(..., help="Checkpoint B, to be permuted into A's basis."),
+    out: Path = typer.Option(..., "--out", help="Where to write aligned B."),
+    method: str = METHOD,
+    perm_out: Path | None = typer.Option(
+        None, "--perm-out", help="Also write the permutation (JSON)."
+    ),
+    data: str | None = DATA,
+    data_dir: Path | None = DATA_DIR,
+    opt: list[str] = OPTS,
+    aligner: Path | None = ALIGNER,
+    seed: int = SEED,
+    device: str = DEVICE,
+) -> None:
+    """Permute B's neurons into A's basis; the output computes exactly B's function.
+
+    Example: deepalign align a.safetensors b.safetensors --method wm --out b_aligned.safetensors
+    """
+    options = parse_options(opt)
+    check_method(method, data, aligner)
+    seed_everything(seed)
+    pair = Pair([a, b], resolve_device(device))
+    ds = load_data(data, "train", data_dir, pair) if data else None
+    perm, info = solve(pair, method, ds, seed, options, aligner)
+    aligned = P.apply(pair.spec, perm, pair.b)
+    meta = {
+        "aligned_to": str(a),
+        "aligned_from": str(b),
+        "method": method,
+        "seed": seed,
+        "objective": info["objective"],
+        "l2": info["l2"],
+    }
+    save_state(aligned, out, pair.config, meta)
+    if perm_out is not None:
+        P.save_json(perm, perm_out)
+    console.print(
+        f"wrote {out}" + (f" and {perm_out}" if perm_out else ""),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(_summary(info), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def merge(
+    a: Path = typer.Argument(..., help="Checkpoint A."),
+    b: Path = typer.Argument(..., help="Checkpoint B (aligned to A before merging)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the merged checkpoint."),
+    method: str = METHOD,
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of aligned B: (1-alpha)*A + alpha*B."),
+    data: str | None = DATA,
+    data_dir: Path | None = DATA_DIR,
+    bn_reset: bool = typer.Option(
+        False, "--bn-reset", help="Recompute BatchNorm statistics of the merge on --data (train)."
+    ),
+    bn_examples: int = typer.Option(
+        5000, "--bn-examples", help="Training examples for --bn-reset."
+    ),
+    opt: list[str] = OPTS,
+    aligner: Path | None = ALIGNER,
+    seed: int = SEED,
+    device: str = DEVICE,
+) -> None:
+    """Align B to A, then average: (1 - alpha) * A + alpha * aligned B.
+
+    Example: deepalign merge a.safetensors b.safetensors --method wm --alpha 0.5 --out merged.safetensors
+    """
+    if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
+        raise DeepAlignError(f"--alpha {alpha}: must lie in [0, 1]")
+    if bn_reset and data is None:
+        raise DeepAlignError("--bn-reset needs training data: pass --data NAME")
+    options = parse_options(opt)
+    check_method(method, data, aligner)
+    seed_everything(seed)
+    pair = Pair([a, b], resolve_device(device))
+    ds = load_data(data, "train", data_dir, pair) if data else None
+    perm, info = solve(pair, method, ds, seed, options, aligner)
+    from deepalign.lmc import interpolate, reset_bn_stats
+
+    merged = interpolate(pair.a, P.apply(pair.spec, perm, pair.b), alpha)
+    if bn_reset:
+        net = pair.module
+        net.load_state_dict(merged)
+        reset_bn_stats(net, load_data(data, "train", data_dir, pair, bn_examples, seed))  # type: ignore[arg-type]
+        merged = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    meta = {"merged_from": [str(a), str(b)], "method": method, "alpha": alpha, "seed": seed}
+    save_state(merged, out, pair.config, meta)
+    console.print(
+        f"wrote {out}  (alpha {alpha} of aligned B)", markup=False, highlight=False, soft_wrap=True
+    )
+    console.print(_summary(info), markup=False, highlight=False, soft_wrap=True)
+
+
+def _jsonable(curve: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in curve.items():
+        out[k] = v.tolist() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+@app.command()
+def lmc(
+    a: Path = typer.Argument(..., help="Checkpoint A (lambda = 0)."),
+    b: Path = typer.Argument(..., help="Checkpoint B (lambda = 1 after alignment)."),
+    data: str = typer.Option(..., "--data", help="Data set to evaluate on (its test split)."),
+    method: str = METHOD,
+    points: int = typer.Option(25, "--points", help="Number of lambdas in [0, 1], ends included."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write curves and metrics as JSON."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write a PNG of the aligned and naive curves."
+    ),
+    bn_reset: bool = typer.Option(
+        False, "--bn-reset", help="Recompute BatchNorm statistics at every lambda (training data)."
+    ),
+    bn_examples: int = typer.Option(
+        5000, "--bn-examples", help="Training examples for --bn-reset."
+    ),
+    batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
+    data_dir: Path | None = DATA_DIR,
+    opt: list[str] = OPTS,
+    aligner: Path | None = ALIGNER,
+    seed: int = SEED,
+    device: str = DEVICE,
+) -> None:
+    """Loss and accuracy along (1 - lambda) * A + lambda * aligned B; barrier and AUC, next to naive.
+
+    Methods that use data (am, sinkhorn's task loss) read the training split; curves use the test split.
+
+    Example: deepalign lmc a.safetensors b.safetensors --method wm --data digits --json lmc.json --plot lmc.png
+    """
+    if points < 2:
+        raise DeepAlignError(f"--points {points}: need at least 2")
+    options = parse_options(opt)
+    check_method(method, data, aligner)
+    seed_everything(seed)
+    from deepalign.lmc import has_batchnorm, lmc_curve
+    from deepalign.solvers.registry import uses_data
+
+    pair = Pair([a, b], resolve_device(device))
+    test = load_data(data, "test", data_dir, pair)
+    train = load_data(data, "train", data_dir, pair) if uses_data(method) else None
+    reset = load_data(data, "train", data_dir, pair, bn_examples, seed) if bn_reset else None
+    if has_batchnorm(pair.module) and not bn_reset:
+        err_console.print(
+            "note: the model has BatchNorm; --bn-reset recomputes its statistics at each lambda",
+            markup=False,
+        )
+    perm, info = solve(pair, method, train, seed, options, aligner)
+    aligned_b = P.apply(pair.spec, perm, pair.b)
+    t0 = time.perf_counter()
+    kw = dict(bn_reset=reset, batch_size=batch_size)
+    curve = lmc_curve(pair.module, pair.a, aligned_b, test, points, **kw)
+    naive = lmc_curve(pair.module, pair.a, pair.b, test, points, **kw)
+    eval_seconds = time.perf_counter() - t0
+    result = {
+        "a": str(a),
+        "b": str(b),
+        "method": method,
+        "data": data,
+        "split": "test",
+        "points": points,
+        "seed": seed,
+        "bn_reset": bn_reset,
+        **_jsonable(curve),
+        "seconds": info["seconds"],
+        "eval_seconds": eval_seconds,
+        "objective": info["objective"],
+        "l2": info["l2"],
+        "l2_before": info["l2_before"],
+        "naive": _jsonable(naive),
+    }
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=1))
+    if plot is not None:
+        from deepalign.lmc.plot import plot_curves
+
+        plot_curves(
+            plot,
+            {method: curve, "naive": naive},
+            title=f"{a.name} -> {b.name} on {data} (test)",
+        )
+    console.print(
+        f"{'':10} {'barrier':>9} {'AUC':>9} {'acc. barrier':>13} {'loss(0.5)':>10}", markup=False
+    )
+    mid = points // 2
+    for label, c in ((method, curve), ("naive", naive)):
+        console.print(
+            f"{label:10} {c['barrier']:9.4f} {c['auc']:9.4f} {c['accuracy_barrier']:13.4f} "
+            f"{float(c['loss'][mid]):10.4f}",
+            markup=False,
+            highlight=False,
+        )
+    console.print(
+        f"alignment {info['seconds']:.3g} s; "
+        + ", ".join(f"wrote {p}" for p in (json_out, plot) if p is not None),
+        markup=False,
+        highlight=False,
+    )
+
+
+@app.command()
+def similarity(
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="Two or more checkpoints of one architecture."
+    ),
+    method: str = METHOD,
+    json_out: Path | None = typer.Option(None, "--json", help="Write both matrices as JSON."),
+    data: str | None = DATA,
+    data_dir: Path | None = DATA_DIR,
+    opt: list[str] = OPTS,
+    aligner: Path | None = ALIGNER,
+    seed: int = SEED,
+    device: str = DEVICE,
+) -> None:
+    """Weight distance between every pair after alignment (blind to neuron order), and before.
+
+    Example: deepalign similarity m1.safetensors m2.safetensors m3.safetensors --method wm --json sim.json
+    """
+    if len(checkpoints) < 2:
+        raise DeepAlignError("similarity needs at least two checkpoints")
+    options = parse_options(opt)
+    check_method(method, data, aligner)
+    seed_everything(seed)
+    pair = Pair(list(checkpoints), resolve_device(device))
+    states = pair.states
+    ds = load_data(data, "train", data_dir, pair) if data else None
+    n = len(states)
+    before = [[0.0] * n for _ in range(n)]
+    after = [[0.0] * n for _ in range(n)]
+    jobs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    for i, j in track(jobs, "aligning pairs"):
+        _, info = solve(pair, method, ds, seed, options, aligner, a=states[i], b=states[j])
+        before[i][j] = before[j][i] = info["l2_before"]
+        after[i][j] = after[j][i] = info["l2"]
+    names = [str(p) for p in checkpoints]
+    if json_out is not None:
+        atomic_write_text(
+            json_out,
+            json.dumps(
+                {
+                    "files": names,
+                    "method": method,
+                    "metric": "l2",
+                    "after": after,
+                    "before": before,
+                },
+                indent=1,
+            ),
+        )
+    for title, mat in (
+        (f"weight distance after alignment ({method})", after),
+        ("before alignment", before),
+    ):
+        console.print(title, markup=False, highlight=False, soft_wrap=True)
+        for i, row in enumerate(mat):
+            console.print(
+                f"  {i:>3} " + " ".join(f"{v:10.4g}" for v in row) + f"   {checkpoints[i].name}",
+                markup=False,
+                highlight=False,
+            )
+    if json_out is not None:
+        console.print(f"wrote {json_out}", markup=False, highlight=False, soft_wrap=True)
