@@ -1,0 +1,248 @@
+"""`deepalign zoo`, `deepalign export`, and `inspect` on a zoo folder."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from deepalign.cli.common import DEVICE, SEED, app, console, err_console, resolve_device
+from deepalign.core.checkpoint import save_state
+from deepalign.errors import DeepAlignError
+from deepalign.zoo import DEFAULT_TASK, TASKS, ShardSlice, Zoo, build_zoo, make_plan, prepare_zoo
+
+TASK_HELP = "Zoo task: " + "; ".join(f"{name} = {t.help}" for name, t in TASKS.items())
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:  # type: ignore[override]
+        speed = task.finished_speed or task.speed
+        return Text("-- models/s" if speed is None else f"{speed:.1f} models/s")
+
+
+def _out(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _parse_hidden(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        widths = [int(p) for p in text.replace("-", ",").split(",") if p.strip()]
+    except ValueError:
+        raise DeepAlignError(f"--hidden {text!r}: expected widths like 32,32,32") from None
+    if not widths:
+        raise DeepAlignError(f"--hidden {text!r}: expected widths like 32,32,32")
+    return widths
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and metric distributions of a zoo's trained models."""
+    done = [r for r in rows if r.get("trained")]
+    out: dict[str, Any] = {"models": len(rows), "trained": len(done)}
+    out["diverged"] = sum(not r.get("finite", True) for r in done)
+    ok = [r for r in done if r.get("finite", True)]
+    out["splits"] = {s: sum(r["split"] == s for r in ok) for s in ("train", "val", "test")}
+    for key in ("test_accuracy", "test_loss"):
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        if vals:
+            out[key] = _stats(vals)
+    return out
+
+
+def _summary_line(s: dict[str, Any]) -> str:
+    parts = [f"{s['trained']}/{s['models']} models trained"]
+    if "test_accuracy" in s:
+        a = s["test_accuracy"]
+        parts.append(
+            f"test accuracy mean {a['mean']:.2%}, min {a['min']:.2%}, median {a['median']:.2%}, max {a['max']:.2%}"
+        )
+    if "test_loss" in s:
+        name = "test loss" if "test_accuracy" in s else "MSE"
+        t = s["test_loss"]
+        parts.append(f"{name} mean {t['mean']:.4g}, min {t['min']:.4g}, max {t['max']:.4g}")
+    if s["diverged"]:
+        parts.append(f"{s['diverged']} diverged (excluded)")
+    return "; ".join(parts)
+
+
+@app.command()
+def zoo(
+    out: Path = typer.Option(
+        ..., "--out", help="Zoo folder (created; rerun the same command to resume)."
+    ),
+    task: str = typer.Option(DEFAULT_TASK, "--task", help=TASK_HELP),
+    n: int = typer.Option(100, "--n", help="Number of models."),
+    data_dir: Path | None = typer.Option(
+        None,
+        "--data-dir",
+        help="Folder with the data set files (fashion-mnist defaults to /usr/share/datasets/fashion-mnist).",
+    ),
+    seed: int = SEED,
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="Train only slice i/n of the shards (0-based), e.g. 0/4 in a job array.",
+    ),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Epochs (full-batch steps for INR tasks); task default if omitted."
+    ),
+    hidden: str | None = typer.Option(
+        None, "--hidden", help="Hidden widths, e.g. 32,32,32 (MLP/SIREN) or 16,32 (CNN channels)."
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Adam learning rate; task default if omitted."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Minibatch size (classifiers)."
+    ),
+    train_subset: int | None = typer.Option(
+        None, "--train-subset", help="Train on a fixed subset of this many examples."
+    ),
+    views: int | None = typer.Option(
+        None, "--views", help="Independent fits per target (INR tasks)."
+    ),
+    shard_size: int | None = typer.Option(
+        None, "--shard-size", help="Models per shard file and per batched run."
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine).",
+    ),
+    device: str = DEVICE,
+) -> None:
+    """Train a zoo of networks of one architecture, many at once; resumable and shardable.
+
+    Example: deepalign zoo --task mlp-digits --n 2000 --out zoos/mlp-digits
+    """
+    dev = resolve_device(device)
+    if threads is not None:
+        if threads <= 0:
+            raise DeepAlignError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    plan = make_plan(
+        task,
+        n,
+        seed,
+        hidden=_parse_hidden(hidden),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        train_subset=train_subset,
+        views=views,
+        shard_size=shard_size,
+    )
+    part = ShardSlice.parse(shard)
+    mine = sum(len(plan.shard_indices(k)) for k in part.shards(plan))
+    data = prepare_zoo(plan, out, data_dir)
+    start = time.perf_counter()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        job = bar.add_task(f"zoo {task}", total=mine)
+        rows = build_zoo(
+            plan,
+            out,
+            data_dir=data_dir,
+            shard=part,
+            device=dev,
+            on_progress=lambda done: bar.update(job, completed=done),
+            data=data,
+        )
+    wall = time.perf_counter() - start
+    s = summarize(rows)
+    _out(f"{out}: {_summary_line(s)}")
+    _out(f"this run: {mine} models in slice {part.index}/{part.count}, {wall:.1f} s wall")
+    if s["trained"] < s["models"]:
+        _out("not complete: run the remaining --shard slices (or rerun without --shard) to finish")
+
+
+@app.command()
+def export(
+    zoo_dir: Path = typer.Argument(..., help="Zoo folder."),
+    index: int = typer.Option(..., "--index", help="Model index in the zoo."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint to write (.safetensors)."),
+) -> None:
+    """Write one zoo model as a self-describing checkpoint (loadable with deepalign.load_model).
+
+    Example: deepalign export zoos/mlp-digits --index 7 --out model7.safetensors
+    """
+    z = Zoo(zoo_dir)
+    state = {k: v[0] for k, v in z.load([index]).items()}
+    row = z.rows[index]
+    meta = {"zoo": str(zoo_dir), "task": z.task, **{k: v for k, v in row.items() if k != "trained"}}
+    save_state(state, out, z.config, meta)
+    _out(f"wrote {out}  (zoo model {index}, {z.task}, split {row['split']})")
+
+
+def describe_zoo(path: Path, as_json: bool) -> None:
+    """`deepalign inspect ZOO_DIR`: task, architecture, splits, metric distribution, groups."""
+    z = Zoo(path)
+    module = z.module()
+    n_params = sum(p.numel() for p in module.parameters())
+    info = {
+        "zoo": str(path),
+        "task": z.task,
+        "kind": z.kind,
+        "dataset": z.plan.dataset,
+        "data_dir": z.info.get("data_dir"),
+        "seed": z.plan.seed,
+        "parameters_per_model": n_params,
+        "shards": z.plan.n_shards,
+        "shard_size": z.plan.shard_size,
+        "complete": z.complete,
+        "training": z.info.get("training"),
+        "summary": summarize(z.rows),
+        "groups": z.spec.describe(),
+        "architecture": z.config,
+    }
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    p = _out
+    p(f"{path}  zoo of {z.task} ({z.kind}), data set {z.plan.dataset or 'synthetic'}")
+    p(_summary_line(info["summary"]))
+    sp = info["summary"]["splits"]
+    p(
+        f"splits: train {sp['train']}, val {sp['val']}, test {sp['test']}; {z.plan.n_shards} shards of {z.plan.shard_size}"
+    )
+    t = z.plan.training
+    p(
+        f"training: adam lr {t.lr}, {t.epochs} epochs, batch {t.batch_size or 'full'}, subset {t.train_subset or 'all'}; seed {z.plan.seed}"
+    )
+    p(f"{n_params:,} parameters per model")
+    p(str(module))
+    for row in info["groups"]:
+        p(f"  {row['group']:>6}  size {row['size']:>5}  {', '.join(row['axes'])}")
