@@ -238,3 +238,12 @@ def test_every_command_help_has_an_example(cli):
     for cmd in ("align", "merge", "lmc", "similarity"):
         res = cli(cmd, "--help")
         assert res.code == 0 and f"Example: deepalign {cmd}" in res.out
+
+
+def test_outputs_are_all_or_nothing(cli, models, tmp):
+    out = tmp / "aligned.safetensors"
+    folder = tmp / "a_folder"
+    folder.mkdir()
+    res = cli("align", models["mlp0"], models["mlp1"], "--out", out, "--perm-out", folder)
+    assert res.code == 2 and "folder" in res.err
+    assert sorted(p.name for p in tmp.iterdir()) == ["a_folder"]

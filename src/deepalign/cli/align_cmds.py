@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from deepalign.cli.common import (
 from deepalign.cli.core_cmds import load_checkpoint
 from deepalign.core import permutation as P
 from deepalign.core.checkpoint import save_state
-from deepalign.core.io import atomic_write_text
+from deepalign.core.io import atomic_path
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
 
@@ -74,6 +76,17 @@ class Pair:
     @property
     def b(self) -> StateDict:
         return self.states[1]
+
+
+@contextlib.contextmanager
+def claim(*paths: Path | None) -> Iterator[list[Path | None]]:
+    """Temporary files for every output, claimed before any work: all are written or none."""
+    with contextlib.ExitStack() as stack:
+        yield [None if p is None else stack.enter_context(atomic_path(p)) for p in paths]
+
+
+def say(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -162,6 +175,10 @@ def solve(
     )
 
 
+def _jsonable(curve: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in curve.items()}
+
+
 def _summary(info: dict[str, Any]) -> str:
     return (
         f"method {info['method']}: weight distance {info['l2_before']:.4g} -> {info['l2']:.4g}, "
@@ -193,28 +210,24 @@ def align(
     options = parse_options(opt)
     check_method(method, data, aligner)
     seed_everything(seed)
-    pair = Pair([a, b], resolve_device(device))
-    ds = load_data(data, "train", data_dir, pair) if data else None
-    perm, info = solve(pair, method, ds, seed, options, aligner)
-    aligned = P.apply(pair.spec, perm, pair.b)
-    meta = {
-        "aligned_to": str(a),
-        "aligned_from": str(b),
-        "method": method,
-        "seed": seed,
-        "objective": info["objective"],
-        "l2": info["l2"],
-    }
-    save_state(aligned, out, pair.config, meta)
-    if perm_out is not None:
-        P.save_json(perm, perm_out)
-    console.print(
-        f"wrote {out}" + (f" and {perm_out}" if perm_out else ""),
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-    console.print(_summary(info), markup=False, highlight=False, soft_wrap=True)
+    with claim(out, perm_out) as (tmp_out, tmp_perm):
+        pair = Pair([a, b], resolve_device(device))
+        ds = load_data(data, "train", data_dir, pair) if data else None
+        perm, info = solve(pair, method, ds, seed, options, aligner)
+        aligned = P.apply(pair.spec, perm, pair.b)
+        meta = {
+            "aligned_to": str(a),
+            "aligned_from": str(b),
+            "method": method,
+            "seed": seed,
+            "objective": info["objective"],
+            "l2": info["l2"],
+        }
+        save_state(aligned, tmp_out, pair.config, meta)
+        if tmp_perm is not None:
+            P.save_json(perm, tmp_perm)
+    say(f"wrote {out}" + (f" and {perm_out}" if perm_out else ""))
+    say(_summary(info))
 
 
 @app.command()
@@ -248,30 +261,22 @@ def merge(
     options = parse_options(opt)
     check_method(method, data, aligner)
     seed_everything(seed)
-    pair = Pair([a, b], resolve_device(device))
-    ds = load_data(data, "train", data_dir, pair) if data else None
-    perm, info = solve(pair, method, ds, seed, options, aligner)
     from deepalign.lmc import interpolate, reset_bn_stats
 
-    merged = interpolate(pair.a, P.apply(pair.spec, perm, pair.b), alpha)
-    if bn_reset:
-        net = pair.module
-        net.load_state_dict(merged)
-        reset_bn_stats(net, load_data(data, "train", data_dir, pair, bn_examples, seed))  # type: ignore[arg-type]
-        merged = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    meta = {"merged_from": [str(a), str(b)], "method": method, "alpha": alpha, "seed": seed}
-    save_state(merged, out, pair.config, meta)
-    console.print(
-        f"wrote {out}  (alpha {alpha} of aligned B)", markup=False, highlight=False, soft_wrap=True
-    )
-    console.print(_summary(info), markup=False, highlight=False, soft_wrap=True)
-
-
-def _jsonable(curve: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in curve.items():
-        out[k] = v.tolist() if isinstance(v, torch.Tensor) else v
-    return out
+    with claim(out) as (tmp_out,):
+        pair = Pair([a, b], resolve_device(device))
+        ds = load_data(data, "train", data_dir, pair) if data else None
+        perm, info = solve(pair, method, ds, seed, options, aligner)
+        merged = interpolate(pair.a, P.apply(pair.spec, perm, pair.b), alpha)
+        if bn_reset and data is not None:
+            net = pair.module
+            net.load_state_dict(merged)
+            reset_bn_stats(net, load_data(data, "train", data_dir, pair, bn_examples, seed))
+            merged = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        meta = {"merged_from": [str(a), str(b)], "method": method, "alpha": alpha, "seed": seed}
+        save_state(merged, tmp_out, pair.config, meta)
+    say(f"wrote {out}  (alpha {alpha} of aligned B)")
+    say(_summary(info))
 
 
 @app.command()
@@ -312,66 +317,58 @@ def lmc(
     from deepalign.lmc import has_batchnorm, lmc_curve
     from deepalign.solvers.registry import uses_data
 
-    pair = Pair([a, b], resolve_device(device))
-    test = load_data(data, "test", data_dir, pair)
-    train = load_data(data, "train", data_dir, pair) if uses_data(method) else None
-    reset = load_data(data, "train", data_dir, pair, bn_examples, seed) if bn_reset else None
-    if has_batchnorm(pair.module) and not bn_reset:
-        err_console.print(
-            "note: the model has BatchNorm; --bn-reset recomputes its statistics at each lambda",
-            markup=False,
-        )
-    perm, info = solve(pair, method, train, seed, options, aligner)
-    aligned_b = P.apply(pair.spec, perm, pair.b)
-    t0 = time.perf_counter()
-    kw = dict(bn_reset=reset, batch_size=batch_size)
-    curve = lmc_curve(pair.module, pair.a, aligned_b, test, points, **kw)
-    naive = lmc_curve(pair.module, pair.a, pair.b, test, points, **kw)
-    eval_seconds = time.perf_counter() - t0
-    result = {
-        "a": str(a),
-        "b": str(b),
-        "method": method,
-        "data": data,
-        "split": "test",
-        "points": points,
-        "seed": seed,
-        "bn_reset": bn_reset,
-        **_jsonable(curve),
-        "seconds": info["seconds"],
-        "eval_seconds": eval_seconds,
-        "objective": info["objective"],
-        "l2": info["l2"],
-        "l2_before": info["l2_before"],
-        "naive": _jsonable(naive),
-    }
-    if json_out is not None:
-        atomic_write_text(json_out, json.dumps(result, indent=1))
-    if plot is not None:
-        from deepalign.lmc.plot import plot_curves
+    with claim(json_out, plot) as (tmp_json, tmp_plot):
+        pair = Pair([a, b], resolve_device(device))
+        test = load_data(data, "test", data_dir, pair)
+        train = load_data(data, "train", data_dir, pair) if uses_data(method) else None
+        reset = load_data(data, "train", data_dir, pair, bn_examples, seed) if bn_reset else None
+        if has_batchnorm(pair.module) and not bn_reset:
+            err_console.print(
+                "note: the model has BatchNorm; --bn-reset recomputes its statistics at each lambda",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        perm, info = solve(pair, method, train, seed, options, aligner)
+        aligned_b = P.apply(pair.spec, perm, pair.b)
+        t0 = time.perf_counter()
+        kw: dict[str, Any] = {"bn_reset": reset, "batch_size": batch_size}
+        curve = lmc_curve(pair.module, pair.a, aligned_b, test, points, **kw)
+        naive = lmc_curve(pair.module, pair.a, pair.b, test, points, **kw)
+        result = {
+            "a": str(a),
+            "b": str(b),
+            "method": method,
+            "data": data,
+            "split": "test",
+            "points": points,
+            "seed": seed,
+            "bn_reset": bn_reset,
+            **_jsonable(curve),
+            "seconds": info["seconds"],
+            "eval_seconds": time.perf_counter() - t0,
+            "objective": info["objective"],
+            "l2": info["l2"],
+            "l2_before": info["l2_before"],
+            "naive": _jsonable(naive),
+        }
+        if tmp_json is not None:
+            tmp_json.write_text(json.dumps(result, indent=1))
+        if tmp_plot is not None and plot is not None:
+            from deepalign.lmc.plot import plot_curves
 
-        plot_curves(
-            plot,
-            {method: curve, "naive": naive},
-            title=f"{a.name} -> {b.name} on {data} (test)",
-        )
-    console.print(
-        f"{'':10} {'barrier':>9} {'AUC':>9} {'acc. barrier':>13} {'loss(0.5)':>10}", markup=False
-    )
-    mid = points // 2
+            title = f"{a.name} vs {b.name} on {data} (test)"
+            fmt = plot.suffix.lstrip(".").lower() or "png"
+            plot_curves(tmp_plot, {method: curve, "naive": naive}, title=title, fmt=fmt)
+    say(f"{'':12} {'barrier':>9} {'AUC':>9} {'acc. barrier':>13} {'loss(0.5)':>10}")
+    mid = (points - 1) // 2
     for label, c in ((method, curve), ("naive", naive)):
-        console.print(
-            f"{label:10} {c['barrier']:9.4f} {c['auc']:9.4f} {c['accuracy_barrier']:13.4f} "
-            f"{float(c['loss'][mid]):10.4f}",
-            markup=False,
-            highlight=False,
+        say(
+            f"{label:12} {c['barrier']:9.4f} {c['auc']:9.4f} {c['accuracy_barrier']:13.4f} "
+            f"{float(c['loss'][mid]):10.4f}"
         )
-    console.print(
-        f"alignment {info['seconds']:.3g} s; "
-        + ", ".join(f"wrote {p}" for p in (json_out, plot) if p is not None),
-        markup=False,
-        highlight=False,
-    )
+    wrote = [str(p) for p in (json_out, plot) if p is not None]
+    say(f"alignment {info['seconds']:.3g} s" + (f"; wrote {', '.join(wrote)}" if wrote else ""))
 
 
 @app.command()
@@ -397,42 +394,33 @@ def similarity(
     options = parse_options(opt)
     check_method(method, data, aligner)
     seed_everything(seed)
-    pair = Pair(list(checkpoints), resolve_device(device))
-    states = pair.states
-    ds = load_data(data, "train", data_dir, pair) if data else None
-    n = len(states)
-    before = [[0.0] * n for _ in range(n)]
-    after = [[0.0] * n for _ in range(n)]
-    jobs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    for i, j in track(jobs, "aligning pairs"):
-        _, info = solve(pair, method, ds, seed, options, aligner, a=states[i], b=states[j])
-        before[i][j] = before[j][i] = info["l2_before"]
-        after[i][j] = after[j][i] = info["l2"]
-    names = [str(p) for p in checkpoints]
-    if json_out is not None:
-        atomic_write_text(
-            json_out,
-            json.dumps(
-                {
-                    "files": names,
-                    "method": method,
-                    "metric": "l2",
-                    "after": after,
-                    "before": before,
-                },
-                indent=1,
-            ),
-        )
+    with claim(json_out) as (tmp_json,):
+        pair = Pair(list(checkpoints), resolve_device(device))
+        states = pair.states
+        ds = load_data(data, "train", data_dir, pair) if data else None
+        n = len(states)
+        before = [[0.0] * n for _ in range(n)]
+        after = [[0.0] * n for _ in range(n)]
+        jobs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        for i, j in track(jobs, "aligning pairs"):
+            _, info = solve(pair, method, ds, seed, options, aligner, a=states[i], b=states[j])
+            before[i][j] = before[j][i] = info["l2_before"]
+            after[i][j] = after[j][i] = info["l2"]
+        if tmp_json is not None:
+            result = {
+                "files": [str(p) for p in checkpoints],
+                "method": method,
+                "metric": "l2 weight distance (BatchNorm running statistics excluded)",
+                "after": after,
+                "before": before,
+            }
+            tmp_json.write_text(json.dumps(result, indent=1))
     for title, mat in (
         (f"weight distance after alignment ({method})", after),
         ("before alignment", before),
     ):
-        console.print(title, markup=False, highlight=False, soft_wrap=True)
+        say(title)
         for i, row in enumerate(mat):
-            console.print(
-                f"  {i:>3} " + " ".join(f"{v:10.4g}" for v in row) + f"   {checkpoints[i].name}",
-                markup=False,
-                highlight=False,
-            )
+            say(f"  {i:>3} " + " ".join(f"{v:10.4g}" for v in row) + f"   {checkpoints[i].name}")
     if json_out is not None:
-        console.print(f"wrote {json_out}", markup=False, highlight=False, soft_wrap=True)
+        say(f"wrote {json_out}")

@@ -11,9 +11,15 @@ from deepalign.core.io import atomic_path
 
 
 def plot_curves(
-    path: str | os.PathLike, curves: Mapping[str, Mapping[str, Any]], title: str = ""
+    path: str | os.PathLike,
+    curves: Mapping[str, Mapping[str, Any]],
+    title: str = "",
+    fmt: str | None = None,
 ) -> None:
-    """One line per curve (label -> ``lmc_curve`` dict); a second panel for accuracy when present."""
+    """One line per curve (label -> ``lmc_curve`` dict); a second panel for accuracy when present.
+
+    ``fmt`` (png, pdf, svg) defaults to the file's suffix.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +49,7 @@ def plot_curves(
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
+    fmt = fmt or path.suffix.lstrip(".").lower() or "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=120)
     plt.close(fig)
