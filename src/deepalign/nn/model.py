@@ -1,0 +1,237 @@
+"""Deep-Align: the siamese matching network (Navon et al., ICML 2024, §3).
+
+One shared DWS encoder embeds every neuron of both networks; per hidden layer, the L2-normalised
+embeddings times a learned scale give the score matrix ``Q_m = a_m a'_m^T`` (``Q_m[b, i, j]`` scores
+A's neuron i against B's neuron j). Training uses log-domain Sinkhorn on ``Q``; inference a linear
+assignment per layer. The result is a :data:`~deepalign.core.permutation.Permutation` that puts B
+into A's basis: ``apply(layout.spec, perm, state_b, batch_dims=1)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from deepalign.core.arch import activation
+from deepalign.core.permutation import Permutation
+from deepalign.core.weight_space import WeightSpaceLayout
+from deepalign.errors import DeepAlignError
+from deepalign.nn.dws import DWSEncoder
+from deepalign.nn.set_layers import POOLINGS, SET_LAYERS
+from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
+
+
+@dataclass
+class DeepAlignConfig:
+    """Hyper-parameters of the Deep-Align network; defaults follow the paper (§3.2) where it has one.
+
+    * ``n_layers`` DWS layers of width ``hidden`` follow the input layer; the last maps to
+      ``out_features`` (neuron embedding size). 8 attention heads, SAB set layers, max pooling,
+      neighbouring-layer ("diagonal") blocks, BatchNorm, no dropout: as the paper.
+    * ``edge_channels``: features per weight entry (``None`` = ``hidden``, DWSNets' choice). Weight
+      entries outnumber neurons by the layer width, so this sets most of the cost; with
+      ``messages`` (weight-weighted neighbour messages into neuron features) 16 suffices.
+      ``edge_channels=None, messages=False`` is the paper's plain DWSNet.
+    * ``downsample=K`` compresses the first layer's input axis to K learned probe inputs (the
+      paper's MLP setting uses 8 for 784/3072-wide inputs; None keeps every input position).
+    * ``activation`` is used inside the encoder; an analytic one (``tanh``, ``gelu``) gives
+      Prop. 5's exactness guarantee. ``sinkhorn_iters`` is used by :meth:`DeepAlign.soft`.
+    """
+
+    hidden: int = 64
+    edge_channels: int | None = 16
+    messages: bool = True
+    n_layers: int = 4
+    out_features: int = 128
+    set_layer: str = "sab"
+    pooling: str = "max"
+    diagonal: bool = True
+    downsample: int | None = None
+    dropout: float = 0.0
+    sinkhorn_iters: int = 20
+    n_heads: int = 8
+    activation: str = "relu"
+    batchnorm: bool = True
+    input_norm: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> DeepAlignError:
+            return DeepAlignError(f"Deep-Align config: {msg}")
+
+        for name in ("hidden", "n_layers", "out_features", "sinkhorn_iters", "n_heads"):
+            v = getattr(self, name)
+            if (
+                not isinstance(v, int)
+                or isinstance(v, bool)
+                or v < (0 if name == "n_layers" else 1)
+            ):
+                raise bad(f"{name} must be a positive integer, got {v!r}")
+        if self.edge_channels is not None and (
+            not isinstance(self.edge_channels, int)
+            or isinstance(self.edge_channels, bool)
+            or self.edge_channels < 1
+        ):
+            raise bad(
+                f"edge_channels must be None or a positive integer, got {self.edge_channels!r}"
+            )
+        if not isinstance(self.messages, bool) or not isinstance(self.diagonal, bool):
+            raise bad("messages and diagonal must be true or false")
+        if self.set_layer not in SET_LAYERS:
+            raise bad(f"unknown set_layer {self.set_layer!r} (choose from {', '.join(SET_LAYERS)})")
+        if self.pooling not in POOLINGS:
+            raise bad(f"unknown pooling {self.pooling!r} (choose from {', '.join(POOLINGS)})")
+        try:
+            activation(self.activation)
+        except DeepAlignError as exc:
+            raise bad(str(exc)) from None
+        if self.downsample is not None and (
+            not isinstance(self.downsample, int)
+            or isinstance(self.downsample, bool)
+            or self.downsample < 1
+        ):
+            raise bad(f"downsample must be None or a positive integer, got {self.downsample!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise bad(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.set_layer == "sab":
+            for name in ("hidden", "out_features"):
+                if getattr(self, name) % self.n_heads:
+                    raise bad(
+                        f"{name}={getattr(self, name)} is not divisible by n_heads={self.n_heads}"
+                    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeepAlignConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DeepAlignError(f"Deep-Align config: unknown option(s) {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeepAlignConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DeepAlignError(f"Deep-Align config: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise DeepAlignError("Deep-Align config: expected a JSON object")
+        return cls.from_dict(data)
+
+
+Scores = dict[str, Tensor]
+View = tuple[tuple[Tensor, ...], tuple[Tensor, ...]]
+
+
+class DeepAlign(nn.Module):
+    """Siamese Deep-Align network for one architecture (``layout``); batched over pairs.
+
+    All state dicts are STACKED: every tensor has a leading batch dim ``B`` (one network each).
+    """
+
+    def __init__(self, layout: WeightSpaceLayout, config: DeepAlignConfig | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.config = config = config or DeepAlignConfig()
+        self.encoder = DWSEncoder(
+            layout.widths,
+            layout.max_features,
+            hidden=config.hidden,
+            edge_channels=config.edge_channels,
+            messages=config.messages,
+            out_features=config.out_features,
+            n_layers=config.n_layers,
+            set_layer_kind=config.set_layer,
+            pooling=config.pooling,
+            diagonal=config.diagonal,
+            downsample=config.downsample,
+            dropout=config.dropout,
+            n_heads=config.n_heads,
+            act=config.activation,
+            batchnorm=config.batchnorm,
+            input_norm=config.input_norm,
+            outputs="hidden_biases",
+        )
+        self.scale = nn.Parameter(torch.ones(()))
+
+    @property
+    def groups(self) -> list[str]:
+        """Spec group of each hidden layer, in order (the keys of every score dict)."""
+        return self.layout.hidden_groups
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def embed_view(self, weights: tuple[Tensor, ...], biases: tuple[Tensor, ...]) -> list[Tensor]:
+        """Per hidden layer, ``(B, d_m, out_features)`` neuron embeddings: unit norm times ``scale``."""
+        p = self.scale
+        weights = tuple(w.to(device=p.device, dtype=p.dtype) for w in weights)
+        biases = tuple(b.to(device=p.device, dtype=p.dtype) for b in biases)
+        feats = self.encoder(weights, biases)
+        return [F.normalize(a, dim=-1) * self.scale for a in feats]
+
+    def embed(self, stacked: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Neuron embeddings of a batch of networks, keyed by hidden group."""
+        return dict(zip(self.groups, self.embed_view(*self.layout.to_view(stacked)), strict=True))
+
+    def scores_from_views(self, view_a: View, view_b: View) -> Scores:
+        """Score matrices from two padded views with equal batch sizes (one encoder pass for both)."""
+        n = view_a[0][0].shape[0]
+        if view_b[0][0].shape[0] != n:
+            raise DeepAlignError(
+                f"A and B hold different numbers of networks ({n} vs {view_b[0][0].shape[0]})"
+            )
+        both = tuple(
+            tuple(torch.cat([x, y]) for x, y in zip(xa, xb, strict=True))
+            for xa, xb in zip(view_a, view_b, strict=True)
+        )
+        feats = self.embed_view(*both)
+        return {
+            g: torch.einsum("bid,bjd->bij", a[:n], a[n:])
+            for g, a in zip(self.groups, feats, strict=True)
+        }
+
+    # -- the three uses -------------------------------------------------------------------------
+    def forward(self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> Scores:
+        """``{group: Q (B, n, n)}``, ``Q[b, i, j]`` = score of A's neuron i against B's neuron j."""
+        return self.scores_from_views(self.layout.to_view(state_a), self.layout.to_view(state_b))
+
+    def soft(self, scores: Mapping[str, Tensor] | Tensor, iters: int | None = None):
+        """Doubly-stochastic matrices (log-domain Sinkhorn on ``Q``, differentiable).
+
+        A dict of scores gives a dict usable with ``apply_soft(layout.spec, mats, state_b,
+        batch_dims=1)``; a single ``(B, n, n)`` tensor gives a tensor.
+        """
+        n_iter = self.config.sinkhorn_iters if iters is None else iters
+        if isinstance(scores, Tensor):
+            return log_sinkhorn(scores, n_iter).exp()
+        return {g: log_sinkhorn(q, n_iter).exp() for g, q in scores.items()}
+
+    @torch.no_grad()
+    def align(self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> Permutation:
+        """Hard permutations ``(B, n)`` per group (eval mode, Hungarian on ``Q``, maximised).
+
+        ``apply(layout.spec, perm, state_b, batch_dims=1)`` puts each B into its A's basis.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            scores = self(state_a, state_b)
+        finally:
+            self.train(was_training)
+        return {g: linear_assignment(q) for g, q in scores.items()}
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
