@@ -213,3 +213,53 @@ def test_a_new_op_is_a_few_local_lines() -> None:
         assert da.verify(Cumsum(), spec, torch.randn(2, 3)) == 0.0
     finally:
         del trace._FUNCTIONS[torch.cumsum]
+
+
+class Tied(nn.Module):
+    """Two names for one weight: a permutation must move both names the same way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5)
+        self.c.weight = self.b.weight
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.out(torch.relu(self.c(torch.relu(self.b(h)))))
+
+
+def test_tied_weights_share_their_permutation() -> None:
+    m = Tied()
+    x = torch.randn(6, 4)
+    spec = da.spec_from_model(m, x)
+    assert spec.axes["b.weight"] == spec.axes["c.weight"]
+    assert len(spec.groups) == 1  # a, b and c outputs: one group, as b's weight is c's weight
+    assert da.verify(m, spec, x) < TOL
+
+
+class Concat(nn.Module):
+    """Two branches concatenated on channels, a transpose, two inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 4, 1)
+        self.mix = nn.Conv2d(7, 5, 1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(y))], dim=1)
+        z = torch.relu(self.mix(h)).mean((2, 3)).unsqueeze(1).transpose(1, 2).flatten(1)
+        return self.head(z)
+
+
+def test_concatenated_branches_stay_fixed_and_the_rest_moves() -> None:
+    m = Concat()
+    x, y = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    spec = da.spec_from_model(m, (x, y))
+    # a block-diagonal permutation of the 7 channels is not one group per axis: both stay fixed
+    assert spec.groups == {"mix.out": 5}
+    assert spec.axes["head.weight"] == (None, AxisPerm("mix.out"))
+    perm = da.random_permutation(spec, seed=1)
+    moved = da.permuted_module(m, spec, perm)
+    torch.testing.assert_close(moved(x, y), m(x, y), atol=TOL, rtol=0)

@@ -409,7 +409,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {lines[0][:160] if lines else ''}"
 
 
-def _trace(model: nn.Module, example_input: Tensor) -> fx.GraphModule:
+def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> fx.GraphModule:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # noqa: BLE001  (any tracing failure is one user-facing line)
@@ -423,10 +423,11 @@ def _trace(model: nn.Module, example_input: Tensor) -> fx.GraphModule:
         with torch.no_grad():
             shapes = _Shapes(gm)
             shapes.extra_traceback = False
-            shapes.run(example_input)
+            shapes.run(*inputs)
     except DeepAlignError as exc:
+        shown = ", ".join(str(tuple(t.shape)) if isinstance(t, Tensor) else "?" for t in inputs)
         raise DeepAlignError(
-            f"trace: the example input of shape {tuple(example_input.shape)} does not run "
+            f"trace: the example input of shape {shown} does not run "
             f"through {type(model).__name__}: {str(exc).splitlines()[0]}"
         ) from None
     finally:
@@ -435,16 +436,28 @@ def _trace(model: nn.Module, example_input: Tensor) -> fx.GraphModule:
     return gm
 
 
-def spec_from_model(model: nn.Module, example_input: Tensor) -> PermutationSpec:
+def spec_from_model(
+    model: nn.Module, example_input: Tensor | tuple[Tensor, ...]
+) -> PermutationSpec:
     """The permutation spec of ``model``, derived by tracing it on ``example_input`` with torch.fx.
+
+    ``example_input`` is one batch (a tuple for a model with several inputs); only its shapes
+    matter. Tied tensors (one parameter under two names) move together.
 
     Raises a one-line :class:`DeepAlignError` for a model torch.fx cannot trace, or one that uses an
     op without a permutation rule (the message names the op and the fx node).
     """
     state = model.state_dict()
     keys = set(state)
-    gm = _trace(model, example_input)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    gm = _trace(model, inputs)
     axes = _Axes()
+    tied: dict[tuple, str] = {}
+    for key, t in state.items():  # one storage under two names: same permutation on both
+        first = tied.setdefault((t.data_ptr(), t.shape, t.stride()), key) if t.numel() else key
+        if first != key:
+            for d in range(t.dim()):
+                axes.union(("p", first, d), ("p", key, d), 1)
 
     def tensor_axes(n: fx.Node) -> list[Elem]:
         shape = _shape(n)
