@@ -1,0 +1,169 @@
+"""Train a Deep-Align aligner on a zoo: pairs, losses, AdamW, validation, resumable checkpoints.
+
+Each step draws B networks of the train split as view A. The supervised pair is
+``(A, t # aug(A))`` with a fresh random permutation ``t`` (label ``t⁻¹``); the unsupervised pair is
+``(A, A')`` with ``A'`` another train network. Both go through the model in one batch. Randomness
+is derived from ``(seed, epoch)``, so resuming from an epoch checkpoint replays exactly what an
+uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from deepalign.core import permutation as P
+from deepalign.core.io import atomic_path, atomic_write_text
+from deepalign.errors import DeepAlignError
+from deepalign.training.augment import Augment
+from deepalign.training.losses import alignment_loss, lmc_loss, supervised_loss
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (paper defaults where CPU allows; see PAPER §4.3)."""
+
+    epochs: int = 30
+    batch: int = 32
+    steps_per_epoch: int | None = None  # default: len(train split) // batch
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    grad_clip: float = 1.0
+    w_supervised: float = 1.0
+    w_alignment: float = 1.0
+    w_lmc: float = 1.0
+    data_batch: int = 32
+    val_pairs: int = 64
+    val_points: int = 5
+    seed: int = 0
+    augment: dict = field(default_factory=lambda: asdict(Augment()))
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def save_training_state(
+    path: Path, model, optimizer, epoch: int, best: float, history: list[dict], settings: str = "{}"
+) -> None:
+    """Everything needed to resume, as tensors + JSON (loaded back with weights_only=True)."""
+    state = {
+        "settings": settings,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": torch.tensor(epoch),
+        "best": torch.tensor(best),
+        "history": json.dumps(history),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the checkpoint is unusable
+        raise DeepAlignError(
+            f"{path}: corrupt training checkpoint ({exc.__class__.__name__})"
+        ) from None
+
+
+def train_epoch(
+    model,
+    optimizer,
+    spec,
+    module,
+    train_states: dict[str, Tensor],
+    data_x: Tensor,
+    data_y: Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """One epoch of steps; returns the mean of each loss term."""
+    g = _epoch_generator(cfg.seed, epoch)
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout inside the model
+    augment = Augment(**cfg.augment)
+    n_train = next(iter(train_states.values())).shape[0]
+    steps = cfg.steps_per_epoch or max(1, n_train // cfg.batch)
+    order = torch.randperm(n_train, generator=g)
+    sums = {"loss": 0.0, "supervised": 0.0, "alignment": 0.0, "lmc": 0.0}
+    model.train()
+    for step in range(steps):
+        idx = order[(torch.arange(cfg.batch) + step * cfg.batch) % n_train]
+        other = (idx + 1 + torch.randint(0, n_train - 1, (cfg.batch,), generator=g)) % n_train
+        a = {k: v[idx].to(device) for k, v in train_states.items()}
+        b = {k: v[other].to(device) for k, v in train_states.items()}
+        t = P.random_permutation(spec, generator=g, batch=cfg.batch)
+        planted = P.apply(spec, t, augment(a, spec, g), batch_dims=1)
+        target = {k: v.to(device) for k, v in P.invert(t).items()}
+        both_a = {k: torch.cat([a[k], a[k]]) for k in a}
+        both_b = {k: torch.cat([planted[k], b[k]]) for k in b}
+        scores = model(both_a, both_b)
+        sup_scores = {k: q[: cfg.batch] for k, q in scores.items()}
+        soft = model.soft({k: q[cfg.batch :] for k, q in scores.items()})
+        terms = {"supervised": supervised_loss(sup_scores, target)}
+        if cfg.w_alignment:
+            terms["alignment"] = alignment_loss(spec, a, b, soft)
+        if cfg.w_lmc:
+            pick = torch.randint(0, data_x.shape[0], (cfg.data_batch,), generator=g)
+            x, y = data_x[pick].to(device), data_y[pick].to(device)
+            terms["lmc"] = lmc_loss(spec, module, a, b, soft, x, y, g)
+        weights = {"supervised": cfg.w_supervised, "alignment": cfg.w_alignment, "lmc": cfg.w_lmc}
+        loss = sum(weights[k] * v for k, v in terms.items())
+        if not torch.isfinite(loss):
+            raise DeepAlignError(
+                f"training diverged at epoch {epoch} step {step} (loss {loss.item()})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        sums["loss"] += loss.item()
+        for k, v in terms.items():
+            sums[k] += v.item()
+        if on_step is not None:
+            on_step(step, {k: v / (step + 1) for k, v in sums.items()})
+    return {k: v / steps for k, v in sums.items()}
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in history))
+
+
+def plot_history(path: Path, history: list[dict]) -> None:
+    """Training curves: the loss terms and the validation barrier per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("loss", "supervised", "alignment", "lmc"):
+        vals = [r["train"].get(key, math.nan) for r in history]
+        axes[0].plot(epochs, vals, label=key)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_title("training losses")
+    axes[0].legend()
+    for key in ("val_barrier", "val_loss_mid", "val_perm_accuracy"):
+        axes[1].plot(epochs, [r.get(key, math.nan) for r in history], label=key)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("validation")
+    axes[1].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def now() -> float:
+    return time.perf_counter()
