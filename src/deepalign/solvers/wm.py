@@ -5,6 +5,12 @@ For one group ``g`` with all other groups fixed, the objective ``sum_k <a_k, P(b
 with ``g``'s axis as rows, and one linear assignment maximises it. Groups are visited in a seeded
 random order until no group improves.
 
+The descent starts from a forward greedy pass (unless given ``init``): groups are matched from input
+to output, each on only the tensors whose other groups are already matched (the first layer's
+unpermuted inputs anchor it). On independently initialised MLPs/CNNs this reaches a clearly better
+optimum than starting from the identity, in fewer sweeps (``start="identity"`` keeps the
+reference behaviour).
+
 What makes it fast (the linear assignments are the floor):
 - terms that depend on no other group (biases, the first layer, the head) are multiplied once;
 - a group is re-solved only when a neighbouring group (one sharing a tensor) changed since its last
@@ -39,6 +45,9 @@ class _Term:
     a: Tensor  # A's tensor, the group's axis first (rows = n * inner of the group)
     b: Tensor  # B's tensor, the same layout
     others: tuple[tuple[int, str, int], ...]  # (dim, group, inner) along which b is gathered
+
+
+STARTS = ("forward", "identity")
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -114,6 +123,20 @@ class Scores:
         self.rebuilds += 1
         return out
 
+    def partial(self, g: str, perm: Permutation, known: set[str]) -> Tensor:
+        """Score of ``g`` from only the tensors whose other groups are all in ``known``."""
+        n, c = self.sizes[g], self.const[g]
+        out = (
+            c.clone() if c is not None else torch.zeros(n, n, dtype=self.dtype, device=self.device)
+        )
+        for t in self.terms[g]:
+            if all(h in known for _, h, _ in t.others):
+                x = t.b
+                for dim, h, inner in t.others:
+                    x = x.index_select(dim, _expand(perm[h], inner))
+                out.addmm_(t.a.reshape(n, -1), x.reshape(n, -1).T)
+        return out
+
     def _update(self, g: str, c: Tensor, seen: dict[str, Tensor], perm: Permutation) -> bool:
         """Correct ``c`` in place for the neighbours' changes; False when a rebuild is cheaper."""
         changed = {h: (perm[h] != seen[h]).nonzero().squeeze(1) for h in seen}
@@ -169,10 +192,18 @@ def coordinate_descent(
     tol: float = 1e-12,
     history: bool = True,
     groups: list[str] | None = None,
+    start: str = "forward",
 ) -> tuple[Permutation, dict[str, Any]]:
-    """Weight matching over ``groups`` (default all); the others stay as in ``init``."""
+    """Weight matching over ``groups`` (default all); the others stay as in ``init``.
+
+    Without ``init``, ``start="forward"`` first matches the groups in the spec's (input to output)
+    order, each on the tensors whose other groups are already matched; ``"identity"`` starts the
+    descent from the identity, as the reference implementation does.
+    """
     if max_sweeps < 1:
         raise DeepAlignError(f"wm: max_sweeps must be at least 1, got {max_sweeps}")
+    if start not in STARTS:
+        raise DeepAlignError(f"wm: unknown start {start!r} (choose from {', '.join(STARTS)})")
     device = next(iter(a.values())).device
     free = list(spec.groups) if groups is None else list(groups)
     perm = {g: p.to(device) for g, p in (init or P.identity(spec, device=device)).items()}
@@ -181,8 +212,26 @@ def coordinate_descent(
     dirty = set(free)
     sweeps = solves = assignments = 0
     lsa_seconds = 0.0
-    trace = [weight_inner(a, P.apply(spec, perm, b), spec)] if history else []
-    start = time.perf_counter()
+    # the objective moves by exactly the gain of each accepted solve, unless a tensor carries one
+    # group on two axes (then the score is not linear in that group): recompute in that case
+    exact = any(g in scores.neighbours[g] for g in free)
+    value = weight_inner(a, P.apply(spec, perm, b), spec) if history else 0.0
+    trace = [value] if history else []
+    clock = time.perf_counter()
+    if init is None and start == "forward":
+        sweeps += 1
+        known = set(spec.groups) - set(free)
+        for g in free:
+            c = scores.partial(g, perm, known)
+            t0 = time.perf_counter()
+            perm[g], ran = _solve(c)
+            lsa_seconds += time.perf_counter() - t0
+            solves += 1
+            assignments += int(ran)
+            known.add(g)
+        if history:
+            value = weight_inner(a, P.apply(spec, perm, b), spec)
+            trace.append(value)
     while dirty and sweeps < max_sweeps:
         sweeps += 1
         for i in torch.randperm(len(free), generator=gen).tolist():
@@ -200,8 +249,11 @@ def coordinate_descent(
             if new_v - old_v > tol * max(abs(old_v), 1e-30):
                 perm[g] = new
                 dirty |= scores.neighbours[g]
+                value += new_v - old_v
         if history:
-            trace.append(weight_inner(a, P.apply(spec, perm, b), spec))
+            if exact:
+                value = weight_inner(a, P.apply(spec, perm, b), spec)
+            trace.append(value)
     info = {
         "iterations": sweeps,
         "sweeps": sweeps,
@@ -211,7 +263,7 @@ def coordinate_descent(
         "lsa_seconds": lsa_seconds,
         "score_rebuilds": scores.rebuilds,
         "score_updates": scores.updates,
-        "solver_seconds": time.perf_counter() - start,
+        "solver_seconds": time.perf_counter() - clock,
     }
     if history:
         info["history"] = trace
@@ -231,11 +283,18 @@ def weight_matching(
     max_sweeps: int = 100,
     tol: float = 1e-12,
     history: bool = True,
+    start: str = "forward",
 ) -> tuple[Permutation, dict[str, Any]]:
     """Weight matching: maximise ``sum_k <a_k, P(b_k)>`` by coordinate descent over groups.
 
+    Without ``init`` the descent starts from a forward greedy pass (``start="forward"``: groups
+    matched input to output, each on the tensors whose other groups are already matched), which
+    reaches clearly better optima than starting from the identity (``start="identity"``, the
+    reference algorithm) in fewer sweeps; see ``docs/benchmarks.md``.
+
     Stops when no group improves by more than ``tol`` (relative) or after ``max_sweeps`` sweeps.
     ``info`` has ``sweeps``, ``solves`` (groups visited), ``assignments`` (solver calls),
-    ``lsa_seconds`` and, with ``history``, the exact objective before and after every sweep.
+    ``lsa_seconds`` and, with ``history``, the objective before and after every sweep (the exact
+    start value plus the gains of the accepted solves).
     """
-    return coordinate_descent(a, b, spec, init, seed, max_sweeps, tol, history)
+    return coordinate_descent(a, b, spec, init, seed, max_sweeps, tol, history, start=start)
