@@ -24,6 +24,7 @@ SMALL = dict(hidden=16, edge_channels=8, out_features=16, n_layers=2, n_heads=2)
 NETS = {
     "mlp": lambda: arch.mlp([6, 5, 7, 4, 3]),
     "cnn": lambda: arch.cnn(3, [4, 5], 10, image_size=8),
+    "siren": lambda: arch.siren([1, 6, 5, 1]),  # one input and one output: size-1 axes
 }
 
 
@@ -119,10 +120,11 @@ def test_soft_is_doubly_stochastic_and_sharpens_to_align():
     assert all(torch.allclose(back[k], va[k], atol=1e-3) for k in va)
 
 
-def test_backward_reaches_every_parameter():
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_backward_reaches_every_parameter(train_mode):
     layout, model, va = setup("cnn", dropout=0.1)
     vb = random_stack(NETS["cnn"](), 3, seed=9)
-    model.train()
+    model.train(train_mode)
     q = model(va, vb)
     loss = sum(
         -torch.log(model.soft(s).diagonal(dim1=-2, dim2=-1) + 1e-9).mean() for s in q.values()

@@ -8,11 +8,15 @@ and output boundaries ``0`` and ``L`` are not.
 **One mechanism builds every block.** The equivariant linear maps from slot ``X`` to slot ``Y`` are,
 for each subset ``S`` of the axes they share: pool ``X`` over its other axes, map the channels, and
 broadcast over the axes of ``Y`` outside ``S`` (DWSNets' weight->weight, bias->bias, weight->bias and
-bias->weight families are all of this form). So a layer holds, for each output slot ``Y`` and each
-``S`` within ``Y``'s axes, ONE map applied to the channel-concatenation of every source reduced to
-``S``: a pointwise Linear when ``|S|`` is 0 or 2, a set layer across the neurons of ``S`` (SAB or
-DeepSets) when ``|S| = 1``. ``diagonal=True`` keeps only sources sharing an axis with ``Y`` — exactly
-the neighbouring-layer blocks of DWSNets — and ``diagonal=False`` adds every other slot, fully pooled.
+bias->weight families are all of this form). Grouped by ``S``, a layer holds:
+
+* ``|S| = 1`` (one boundary ``a``): ONE set layer (SAB or DeepSets) across the neurons of ``a``,
+  reading every slot that holds them (reduced to ``a``, channels concatenated) and writing the
+  features of every output slot that holds them (split, then broadcast);
+* ``|S| = 2``: a pointwise Linear from a weight slot to itself (the only slot with both axes);
+* ``S = {}``: a Linear from the fully pooled sources to each output slot; ``diagonal=True`` keeps
+  only sources sharing an axis with it — exactly the neighbouring-layer blocks of DWSNets — and
+  ``diagonal=False`` adds every other slot.
 
 **Cost.** Weight slots hold ``n_l * n_{l+1}`` entries, bias slots ``n_{l+1}``: the per-entry work on
 weight slots dominates everything. Weight slots therefore carry ``edge_channels`` features (DWSNets
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from itertools import combinations
 
 import torch
 from torch import Tensor, nn
@@ -95,26 +98,31 @@ class DWSLayer(nn.Module):
         self.outputs = list(range(2 * L) if outputs is None else outputs)
         w_in = [c_in[0]] * L + [c_in[1]] * L
         w_out = [c_out[0]] * L + [c_out[1]] * L
-        self.plan: list[list[tuple[Axes, list[int], str]]] = []
+        # terms: (kept axes, source slots, [(output slot, width)], module name)
+        self.plan: list[tuple[Axes, list[int], list[tuple[int, int]], str]] = []
         self.maps = nn.ModuleDict()
+
+        def add(keep: Axes, outs: list[int], srcs: list[int], name: str) -> None:
+            width, out = sum(w_in[x] for x in srcs), sum(w_out[y] for y in outs)
+            self.maps[name] = (
+                set_layer(set_layer_kind, width, out, _heads(out, n_heads), activation(act))
+                if len(keep) == 1
+                else nn.Linear(width, out)
+            )
+            self.plan.append((keep, srcs, [(y, w_out[y]) for y in outs], name))
+
+        for a in range(L + 1):
+            # one set layer per boundary: every slot holding its neurons, reduced to them, in;
+            # the features of every output slot holding them out (the sources are the same)
+            outs = [y for y in self.outputs if a in self.axes[y]]
+            if outs:
+                add((a,), outs, [x for x, ax in enumerate(self.axes) if a in ax], f"set{a}")
         for y in self.outputs:
-            ay, terms = self.axes[y], []
-            for r in range(len(ay) + 1):
-                for keep in combinations(ay, r):
-                    srcs = [
-                        x
-                        for x, ax in enumerate(self.axes)
-                        if set(keep) <= set(ax) and (not diagonal or set(ax) & set(ay))
-                    ]
-                    name = f"{slot_name(y, L)}_{''.join(map(str, keep)) or 'pool'}"
-                    width, out = sum(w_in[x] for x in srcs), w_out[y]
-                    self.maps[name] = (
-                        set_layer(set_layer_kind, width, out, _heads(out, n_heads), activation(act))
-                        if len(keep) == 1
-                        else nn.Linear(width, out)
-                    )
-                    terms.append((keep, srcs, name))
-            self.plan.append(terms)
+            ay = self.axes[y]
+            pooled = [x for x, ax in enumerate(self.axes) if not diagonal or set(ax) & set(ay)]
+            add((), [y], pooled, f"{slot_name(y, L)}_pool")
+            if len(ay) == 2:
+                add(ay, [y], [y], f"{slot_name(y, L)}_self")
         # weight-weighted messages into bias slot y (boundary m = y - L + 1) from both neighbours
         self.msg = nn.ModuleDict()
         if op_features:
@@ -153,21 +161,24 @@ class DWSLayer(nn.Module):
                     cache[(x, keep)] = pool(parent, [dim], self.pooling)
             return cache[(x, keep)]
 
-        outs = []
-        for y, terms in zip(self.outputs, self.plan, strict=True):
-            ay = self.axes[y]
-            parts = []
-            for keep, srcs, name in terms:
-                inp = [reduced(x, keep) for x in srcs]
-                out = self.maps[name](inp[0] if len(inp) == 1 else torch.cat(inp, dim=-1))
-                for i, a in enumerate(ay):
+        parts: dict[int, list[Tensor]] = {y: [] for y in self.outputs}
+        shared: set[int] = set()
+        for keep, srcs, outs, name in self.plan:
+            inp = [reduced(x, keep) for x in srcs]
+            out = self.maps[name](inp[0] if len(inp) == 1 else torch.cat(inp, dim=-1))
+            pieces = out.split([w for _, w in outs], dim=-1) if len(outs) > 1 else (out,)
+            for (y, _), piece in zip(outs, pieces, strict=True):
+                for i, a in enumerate(self.axes[y]):
                     if a not in keep:
-                        out = out.unsqueeze(1 + i)
-                parts.append(out)
-            if y >= L and self.op_features:
-                parts += self._messages(y - L + 1, xs, reduced, ops)
-            outs.append(_broadcast_sum(parts))
-        return outs
+                        piece = piece.unsqueeze(1 + i)
+                if len(outs) > 1:
+                    shared.add(id(piece))
+                parts[y].append(piece)
+        if self.op_features:
+            for y in self.outputs:
+                if y >= L:
+                    parts[y] += self._messages(y - L + 1, xs, reduced, ops)
+        return [_broadcast_sum(parts[y], shared) for y in self.outputs]
 
     def _messages(self, m: int, xs, reduced, ops) -> list[Tensor]:
         """``sum_if w_ijf A_f h_i`` from boundary m-1 and ``sum_kf w_jkf B_f h_k`` from m+1."""
@@ -183,26 +194,40 @@ class DWSLayer(nn.Module):
         return out
 
 
-def _broadcast_sum(parts: list[Tensor]) -> Tensor:
-    """Sum broadcastable terms: small ones first, then into the full-size term in place."""
-    parts = sorted(parts, key=lambda t: t.numel())
+def _broadcast_sum(parts: list[Tensor], shared: set[int]) -> Tensor:
+    """Sum broadcastable terms: small ones first, then into a full-size term, in place unless it is
+    a piece of a split set-layer output (``id`` in ``shared``; autograd forbids writing to those)."""
+    parts = sorted(parts, key=lambda t: (t.numel(), id(t) not in shared))
     full, small = parts.pop(), None
+    owned = id(full) not in shared
+
+    def into_full(t: Tensor) -> None:
+        nonlocal full, owned
+        full = full.add_(t) if owned else full + t
+        owned = True
+
     for t in parts:
         if small is None:
             small = t
         elif torch.broadcast_shapes(small.shape, t.shape) == full.shape:
-            full.add_(t)
+            into_full(t)
         else:
             small = small + t
-    return full if small is None else full.add_(small)
+    if small is not None:
+        into_full(small)
+    return full
 
 
 class SlotNorm(nn.Module):
-    """BatchNorm over the channels of every slot (statistics over batch and all entries of the slot)."""
+    """BatchNorm over the channels of every slot (statistics over batch and all entries of the slot).
 
-    def __init__(self, widths: Sequence[int], affine: bool = True) -> None:
+    ``inplace`` lets evaluation overwrite its inputs (the encoder only passes fresh tensors).
+    """
+
+    def __init__(self, widths: Sequence[int], affine: bool = True, inplace: bool = False) -> None:
         super().__init__()
         self.norms = nn.ModuleList(nn.BatchNorm1d(c, affine=affine) for c in widths)
+        self.inplace = inplace
 
     def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
         out = []
@@ -215,7 +240,9 @@ class SlotNorm(nn.Module):
             shift = -n.running_mean * scale
             if n.affine:
                 scale, shift = scale * n.weight, shift * n.weight + n.bias
-            out.append(torch.addcmul(shift, x, scale))
+            out.append(
+                x.mul_(scale).add_(shift) if self.inplace else torch.addcmul(shift, x, scale)
+            )
         return out
 
 
@@ -283,10 +310,12 @@ class DWSEncoder(nn.Module):
             for i in range(n_layers + 1)
         )
         self.norms = nn.ModuleList(
-            SlotNorm([edge] * L + [hidden] * L) if batchnorm else nn.Identity()
+            SlotNorm([edge] * L + [hidden] * L, inplace=True) if batchnorm else nn.Identity()
             for _ in range(n_layers)
         )
         self.act = activation(act)
+        # every tensor reaching the activation is fresh (a norm or layer output): ReLU in place
+        self.inplace_act = isinstance(self.act, nn.ReLU)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> list[Tensor]:
@@ -306,7 +335,7 @@ class DWSEncoder(nn.Module):
         xs[2 * L - 1] = xs[2 * L - 1] + self.pos_out_b
         for norm, layer in zip(self.norms, self.layers[1:], strict=True):
             xs = norm(xs)
-            xs = [self.act(x) for x in xs]
+            xs = [torch.relu_(x) if self.inplace_act else self.act(x) for x in xs]
             if self.dropout.p > 0:
                 xs = [self.dropout(x) for x in xs]
             xs = layer(xs, ops)
