@@ -11,6 +11,7 @@ scalings do not change which assignment is best). An ``init`` permutation starts
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -100,7 +101,9 @@ def sinkhorn_rebasin(
     trajectory: list[tuple[int, Permutation]] = []
     history: list[float] = []
     batches = _forever(data, batch_size, gen, device) if loss == "task" else None
-    net = module.to(device).eval() if (loss == "task" and module is not None) else None
+    net = (
+        copy.deepcopy(module).to(device).eval() if (loss == "task" and module is not None) else None
+    )
     start = time.perf_counter()
     for step in range(steps + 1):
         if want and step == want[0]:

@@ -15,6 +15,8 @@ What makes it fast (the linear assignments are the floor):
 - terms that depend on no other group (biases, the first layer, the head) are multiplied once;
 - a group is re-solved only when a neighbouring group (one sharing a tensor) changed since its last
   solve; its score matrix would otherwise be the same, so the answer would be too;
+- when few neurons of the neighbours moved, the cached score matrix gets a low-rank correction
+  instead of a rebuild;
 - when every row's best column is distinct, that is the optimal assignment (no solver call);
 - B's tensors are gathered along the other groups' axes only, never re-permuted whole.
 Score matrices are built on the tensors' device; the assignment runs on the CPU.
