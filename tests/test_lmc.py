@@ -163,3 +163,14 @@ def test_bn_reset_changes_the_curve_of_batchnorm_nets():
     reset_bn_stats(net, x)
     loss, _ = evaluate(net, (x, y))
     assert float(reset["loss"][1]) == pytest.approx(loss, rel=1e-5)
+
+
+def test_batched_curves_with_bn_reset_match_one_by_one():
+    nets = _nets(4, seed=9, norm="batchnorm")
+    x, y = _data(seed=10)
+    sa, sb = [n.state_dict() for n in nets[:2]], [n.state_dict() for n in nets[2:]]
+    stack = lambda ss: {k: torch.stack([s[k] for s in ss]) for k in ss[0]}  # noqa: E731
+    many = lmc_curves(nets[0], stack(sa), stack(sb), (x, y), points=3, bn_reset=x)
+    for i in range(2):
+        one = lmc_curve(nets[0], sa[i], sb[i], (x, y), points=3, bn_reset=x)
+        torch.testing.assert_close(many["loss"][i], one["loss"])
