@@ -7,6 +7,7 @@ import sys
 import typer
 
 import deepalign.cli.align_cmds  # noqa: F401  (registers align, merge, lmc, similarity)
+import deepalign.cli.bench_cmds  # noqa: F401  (registers bench, demo)
 import deepalign.cli.train_cmds  # noqa: F401  (registers train)
 import deepalign.cli.zoo_cmds  # noqa: F401  (registers zoo, export)
 from deepalign.cli import core_cmds  # noqa: F401  (registers inspect, permute)

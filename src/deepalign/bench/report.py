@@ -1,0 +1,135 @@
+"""The bench's written outputs: ``bench.json``, ``bench.md`` (the paper's Table 1-2 shape) and the
+two figures, written all together (each atomically) once the run is complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from deepalign.core.io import atomic_path
+
+OUTPUTS = ("bench.json", "bench.md", "lmc.png", "sinkhorn_init.png")
+SHORT_COLUMNS = ("method", "barrier", "AUC", "acc@0.5", "WM obj.", "L2", "s/pair")
+COLUMNS = (
+    "Method",
+    "Barrier ↓",
+    "AUC ↓",
+    "Acc. @ λ=0.5 ↑",
+    "WM objective ↑",
+    "L2 ↓",
+    "Time / pair (s) ↓",
+)
+
+
+def _pm(stat: Mapping[str, Any] | None, fmt: str) -> str:
+    if not stat or stat.get("mean") is None or math.isnan(stat["mean"]):
+        return "—"
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
+
+
+def _acc(stat: Mapping[str, Any] | None) -> str:
+    if not stat:
+        return "—"
+    return f"{100 * stat['mean']:.1f}% ± {100 * stat['std']:.1f}"
+
+
+def _time(entry: Mapping[str, Any], compact: bool) -> str:
+    sec = entry["summary"]["seconds"]["mean"]
+    timing = entry.get("timing", "per pair")
+    text = f"{sec:.3g}"
+    if timing == "batched (amortised)" or (compact and timing.startswith("batched")):
+        return f"{text} ᵇ"
+    if timing.startswith("batched"):
+        first = sum(entry["batched_seconds_per_pair"]) / len(entry["batched_seconds_per_pair"])
+        return f"{text} ᵇ ({first:.2g} + {sec - first:.3g})"
+    return text
+
+
+def table_rows(result: Mapping[str, Any], compact: bool = False) -> list[list[str]]:
+    """One row per method, cells as in the markdown table (failed methods carry their error).
+
+    ``compact`` (the terminal): the method's name only, and no split of chained times.
+    """
+    rows = []
+    for entry in result["methods"].values():
+        name = entry["method"] if compact else f"{entry['label']} (`{entry['method']}`)"
+        if entry["status"] != "ok":
+            err = str(entry.get("error", "unknown error")).replace("|", "/")
+            rows.append([name, "failed" if compact else f"failed: {err}", "—", "—", "—", "—", "—"])
+            continue
+        s = entry["summary"]
+        rows.append(
+            [
+                name,
+                _pm(s["barrier"], ".3f"),
+                _pm(s["auc"], ".3f"),
+                _acc(s["acc_mid"]),
+                _pm(s["objective"], ".2f"),
+                _pm(s["l2"], ".2f"),
+                _time(entry, compact),
+            ]
+        )
+    return rows
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """``bench.md``: a heading, the settings in one paragraph, the table and its footnotes."""
+    s = result["settings"]
+    lines = [
+        f"# deepalign bench: {s['task']}",
+        "",
+        f"Zoo `{s['zoo']}`; aligner `{s['aligner'] or '—'}`. {s['pairs']} held-out pairs "
+        f"({s['pair_kind']}, of {s['pairs_available']} possible) × {s['seeds']} seed(s) "
+        f"(each seed re-draws the pairs and the solver seeds). Loss along the segment: "
+        f"{s['loss']} on {s['eval_examples']} {s['eval_split']} examples at {s['points']} "
+        f"values of λ in [0, 1] (λ = 0 is A, 1 is aligned B). Device {s['device']}, "
+        f"{s['threads']} thread(s).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    lines += [
+        "",
+        "Mean ± std over all pairs and seeds (per-seed means are in `bench.json`). Barrier and AUC "
+        "of the loss follow the paper (§6: gap to the chord between the end points; max and "
+        "trapezoid integral, clipped at 0). WM objective: `sum <A, aligned B>` over the weights "
+        "(higher is better); L2: the weight distance after alignment.",
+        "",
+        "ᵇ Batched: all pairs aligned in one call (Deep-Align: one forward pass per chunk of pairs); "
+        "the time is the amortised time per pair. A chain starting with a batched method reuses "
+        "that answer as the start of the second method; its time is (amortised batched time + "
+        "the second method's own time per pair).",
+        "",
+        f"Activation matching sees {s['data_examples']} {s['data_split']} examples. Sinkhorn "
+        f"(alone and as a second stage): {s['sinkhorn_steps']} steps, loss {s['sinkhorn_loss']}"
+        + (f", on the same {s['data_examples']} examples" if s["data_split"] == "train" else "")
+        + ". `sinkhorn_init.png`: barrier of the hard permutation along those steps on the "
+        f"first {s['trajectory_pairs']} pairs of each seed; `lmc.png`: mean loss curves.",
+    ]
+    if s.get("options"):
+        lines += ["", f"Extra solver options: `{json.dumps(s['options'])}`."]
+    failed = [e for e in result["methods"].values() if e["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed: " + "; ".join(f"`{e['method']}`: {e['error']}" for e in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: str | os.PathLike, result: Mapping[str, Any]) -> list[Path]:
+    """Write the four outputs into ``out`` (created); each file appears whole or not at all."""
+    from deepalign.bench.plots import plot_lmc, plot_sinkhorn_init
+
+    folder = Path(out)
+    paths = [folder / name for name in OUTPUTS]
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p)) for p in paths]
+        tmps[0].write_text(json.dumps(result, indent=1) + "\n")
+        tmps[1].write_text(markdown(result))
+        plot_lmc(tmps[2], result)
+        plot_sinkhorn_init(tmps[3], result)
+    return paths

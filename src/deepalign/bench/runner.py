@@ -1,0 +1,423 @@
+"""``run_bench``: every method on the same held-out pairs of a zoo; barrier, AUC, time, curves.
+
+For each seed ``k`` the pairs are re-drawn from the test split (seeded by ``(seed, k)``) and every
+method aligns the same pairs; solver seeds derive from ``(seed, k, pair)``. Per pair the bench
+records the LMC barrier and AUC of the loss, the loss and accuracy at lam = 0.5, the weight-matching
+objective ``sum <a, aligned b>`` and the L2 distance reached, and the seconds spent. A method that
+fails is recorded with its error and the run goes on. Results are written by
+:func:`deepalign.bench.report.write_outputs`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepalign.bench.evaluate import TaskData, pair_curves, task_data, value_at
+from deepalign.bench.methods import Context, MethodRun, run_method, warm_up
+from deepalign.bench.pairs import candidate_pairs, draw_pairs
+from deepalign.bench.stats import mean_std
+from deepalign.core import permutation as P
+from deepalign.core.functional import unstack_state
+from deepalign.errors import DeepAlignError
+from deepalign.solvers.objective import l2_distance, weight_inner
+from deepalign.solvers.registry import resolve
+from deepalign.zoo.loader import Zoo
+from deepalign.zoo.seeds import derive_seed
+
+DEFAULT_METHODS = (
+    "identity",
+    "wm",
+    "am",
+    "sinkhorn",
+    "wm+sinkhorn",
+    "deepalign",
+    "deepalign+wm",
+    "deepalign+sinkhorn",
+)
+LABELS = {
+    "identity": "Naive (identity)",
+    "wm": "Weight Matching",
+    "am": "Activation Matching",
+    "sinkhorn": "Sinkhorn",
+    "wm+sinkhorn": "WM + Sinkhorn",
+    "deepalign": "Deep-Align",
+    "deepalign+wm": "Deep-Align + WM",
+    "deepalign+sinkhorn": "Deep-Align + Sinkhorn",
+}
+METRICS = ("barrier", "auc", "loss_mid", "acc_mid", "objective", "l2", "seconds")
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def trajectory_steps(steps: int) -> list[int]:
+    """Roughly log-spaced Sinkhorn steps at which the hard permutation is recorded (0 and ``steps``
+    included)."""
+    grid = {0, steps}
+    for decade in (1, 10, 100, 1000, 10_000, 100_000):
+        grid |= {m * decade for m in (1, 2, 5)}
+    return sorted(s for s in grid if s <= steps)
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """Method names from ``"a,b,c"`` or a list; duplicates dropped, order kept; unknown -> error."""
+    items = methods.split(",") if isinstance(methods, str) else list(methods)
+    out: list[str] = []
+    for m in (str(x).strip() for x in items):
+        if not m:
+            continue
+        resolve(m)  # one-line error for unknown names
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise DeepAlignError("--methods: no method given")
+    return out
+
+
+def _needs_aligner(method: str) -> bool:
+    return any(p.strip().startswith("deepalign") for p in method.split("+"))
+
+
+def load_aligner(aligner: Any, zoo: Zoo, device: torch.device) -> Any:
+    """The aligner as a model on ``device``, checked against the zoo's architecture."""
+    from deepalign.nn.model import DeepAlign
+    from deepalign.nn.pretrained import check_arch, load_pretrained
+
+    if isinstance(aligner, DeepAlign):
+        model = aligner.to(device).eval()
+        where = "aligner"
+    else:
+        model = load_pretrained(aligner, device)
+        where = str(aligner)
+    check_arch(model, zoo.config, where)
+    mine, theirs = model.layout.spec, zoo.spec
+    if not mine.same_structure(theirs) or set(mine.groups) != set(theirs.groups):
+        widths = "-".join(map(str, model.layout.widths))
+        raise DeepAlignError(
+            f"{where}: the aligner was trained for networks of widths {widths}; the zoo "
+            f"{zoo.path} has groups {dict(theirs.groups)}"
+        )
+    return model
+
+
+def check_out(out: str | os.PathLike) -> Path:
+    """Refuse an output folder that cannot be written, before any work (no partial output)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DeepAlignError(f"{out}: exists and is not a folder (--out takes a folder)")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise DeepAlignError(f"{out}: cannot write here ({probe} is not a writable folder)")
+    return out
+
+
+def _pair_seeds(seed: int, k: int, n: int) -> list[int]:
+    return [derive_seed(seed, "bench-solver", k, i) % 2**31 for i in range(n)]
+
+
+def _records(
+    run: MethodRun,
+    a: Mapping[str, torch.Tensor],
+    b_aligned: Mapping[str, torch.Tensor],
+    curves: Mapping[str, Any],
+    pairs: Sequence[tuple[int, int]],
+    k: int,
+    ctx: Context,
+) -> list[dict[str, Any]]:
+    lam = curves["lambdas"]
+    loss_mid = value_at(lam, curves["loss"])
+    acc_mid = None if curves["accuracy"] is None else value_at(lam, curves["accuracy"])
+    rows = []
+    for i, (ia, ib) in enumerate(pairs):
+        ai, bi = unstack_state(a, i), unstack_state(b_aligned, i)
+        rows.append(
+            {
+                "seed": k,
+                "pos": i,
+                "a": int(ia),
+                "b": int(ib),
+                "barrier": float(curves["barrier"][i]),
+                "auc": float(curves["auc"][i]),
+                "loss_mid": float(loss_mid[i]),
+                "acc_mid": None if acc_mid is None else float(acc_mid[i]),
+                "objective": weight_inner(ai, bi, ctx.spec),
+                "l2": l2_distance(ai, bi, ctx.spec),
+                "seconds": float(run.seconds[i]),
+            }
+        )
+    return rows
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], seeds: int) -> dict[str, Any]:
+    """Mean and std of every metric over all (pair, seed) records, plus per-seed means."""
+    out: dict[str, Any] = {}
+    for key in METRICS:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        if not vals:
+            out[key] = None
+            continue
+        per_seed = [
+            mean_std([r[key] for r in rows if r["seed"] == k and r.get(key) is not None])["mean"]
+            for k in range(seeds)
+        ]
+        out[key] = {**mean_std(vals), "seed_means": per_seed}
+    return out
+
+
+def _mean_curve(curves: list[Mapping[str, Any]]) -> dict[str, Any]:
+    loss = torch.cat([c["loss"] for c in curves])
+    acc = None if curves[0]["accuracy"] is None else torch.cat([c["accuracy"] for c in curves])
+    return {
+        "lambdas": [float(x) for x in curves[0]["lambdas"]],
+        "loss": loss.mean(0).tolist(),
+        "loss_std": (loss.std(0) if loss.shape[0] > 1 else torch.zeros_like(loss[0])).tolist(),
+        "accuracy": None if acc is None else acc.mean(0).tolist(),
+    }
+
+
+def _trajectory_curve(
+    runs: list[tuple[MethodRun, int]],
+    a_by_seed: list[dict[str, torch.Tensor]],
+    b_by_seed: list[dict[str, torch.Tensor]],
+    pairs_by_seed: list[list[tuple[int, int]]],
+    ctx: Context,
+    module: torch.nn.Module,
+    data: TaskData,
+    points: int,
+) -> dict[str, Any] | None:
+    """Barrier (mean, std over the recorded pairs of every seed) at each recorded Sinkhorn step."""
+    per_step: dict[int, list[float]] = {}
+    for run, k in runs:
+        if not run.trajectories:
+            continue
+        t = len(run.trajectories)
+        steps = [s for s, _ in run.trajectories[0]]
+        if any([s for s, _ in tr] != steps for tr in run.trajectories):
+            continue
+        a = {key: v[:t] for key, v in a_by_seed[k].items()}
+        b = {key: v[:t] for key, v in b_by_seed[k].items()}
+        for j, step in enumerate(steps):
+            perm = {
+                g: torch.stack([tr[j][1][g] for tr in run.trajectories]) for g in ctx.spec.groups
+            }
+            aligned = P.apply(ctx.spec, perm, b, batch_dims=1)
+            curves = pair_curves(module, a, aligned, pairs_by_seed[k][:t], data, points)
+            per_step.setdefault(step, []).extend(float(x) for x in curves["barrier"])
+    if not per_step:
+        return None
+    steps = sorted(per_step)
+    stats = [mean_std(per_step[s]) for s in steps]
+    return {
+        "steps": steps,
+        "barrier_mean": [s["mean"] for s in stats],
+        "barrier_std": [s["std"] for s in stats],
+        "pairs": len(per_step[steps[0]]),
+    }
+
+
+def run_bench(
+    zoo: Zoo | str | os.PathLike,
+    aligner: Any,
+    out: str | os.PathLike | None,
+    pairs: int = 100,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
+    seeds: int = 1,
+    points: int = 25,
+    sinkhorn_steps: int = 200,
+    device: str | torch.device = "cpu",
+    on_progress: ProgressFn | None = None,
+    *,
+    seed: int = 0,
+    data_examples: int = 2000,
+    eval_examples: int | None = None,
+    trajectory_pairs: int = 16,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``methods`` on held-out test pairs of ``zoo``; writes the outputs to ``out``.
+
+    ``aligner``: an aligner folder or a loaded ``DeepAlign`` (None when no ``deepalign*`` method
+    runs). ``data_examples``: training examples that ``am`` (and Sinkhorn's task loss) see;
+    ``eval_examples``: test examples of the curves (None: the whole test split).
+    ``trajectory_pairs``: pairs per seed whose Sinkhorn trajectories feed ``sinkhorn_init.png``.
+    ``options``: extra solver options per method, e.g. ``{"sinkhorn": {"lr": 0.05}}``.
+    ``on_progress(event)`` gets dicts with ``method``, ``seed``, ``run``, ``runs``, ``done``,
+    ``total`` and ``stage`` as the work advances. Returns the result written to ``bench.json``.
+    """
+    from deepalign.bench.report import write_outputs
+
+    if pairs <= 0 or seeds <= 0:
+        raise DeepAlignError(f"--pairs and --seeds must be positive, got {pairs} and {seeds}")
+    if points < 2:
+        raise DeepAlignError(f"--points must be at least 2, got {points}")
+    if sinkhorn_steps < 1:
+        raise DeepAlignError(f"--sinkhorn-steps must be at least 1, got {sinkhorn_steps}")
+    if data_examples <= 0 or (eval_examples is not None and eval_examples <= 0):
+        raise DeepAlignError("--data-examples and --eval-examples must be positive")
+    method_list = parse_methods(methods)
+    options = {m: dict(o) for m, o in (options or {}).items()}
+    unknown = sorted(set(options) - set(method_list))
+    if unknown:
+        raise DeepAlignError(f"options given for methods not in the run: {', '.join(unknown)}")
+    out_path = check_out(out) if out is not None else None
+    dev = torch.device(device)
+    z = zoo if isinstance(zoo, Zoo) else Zoo(zoo)
+    need = [m for m in method_list if _needs_aligner(m)]
+    model = None
+    if need:
+        if aligner is None:
+            raise DeepAlignError(
+                f"method(s) {', '.join(need)} need a trained aligner (--aligner DIR)"
+            )
+        model = load_aligner(aligner, z, dev)
+    candidates = candidate_pairs(z)
+    drawn = [draw_pairs(candidates, pairs, seed, k) for k in range(seeds)]
+    involved = sorted({i for d in drawn for p in d for i in p})
+    data = task_data(z, involved, dev, data_examples, eval_examples, seed)
+    module = z.module().to(dev)
+    sinkhorn_opts: dict[str, Any] = {
+        "steps": sinkhorn_steps,
+        "trajectory_steps": trajectory_steps(sinkhorn_steps),
+    }
+    if not data.is_classifier:
+        sinkhorn_opts["loss"] = "l2"
+    ctx = Context(
+        spec=z.spec,
+        module=module,
+        solver_data=data.solver_data,
+        aligner=model,
+        options=options,
+        sinkhorn=sinkhorn_opts,
+        trajectory_pairs=trajectory_pairs,
+    )
+    a_by_seed = [z.load([p[0] for p in d], dev) for d in drawn]
+    b_by_seed = [z.load([p[1] for p in d], dev) for d in drawn]
+    runs_total = len(method_list) * seeds
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    kept_runs: dict[str, list[tuple[MethodRun, int]]] = {}
+    run_no = 0
+    for method in method_list:
+        rows: list[dict[str, Any]] = []
+        curves_all: list[dict[str, Any]] = []
+        entry: dict[str, Any] = {"method": method, "label": label(method), "status": "ok"}
+        for k in range(seeds):
+            a, b, pk = a_by_seed[k], b_by_seed[k], drawn[k]
+            n = len(pk)
+            event = {"method": method, "seed": k, "run": run_no, "runs": runs_total, "total": n + 1}
+
+            def tell(done: int, stage: str = "align", event=event) -> None:
+                if on_progress is not None:
+                    on_progress({**event, "done": done, "stage": stage})
+
+            tell(0)
+            try:
+                if k == 0:
+                    warm_up(method, a, b, ctx)
+                run = run_method(method, a, b, ctx, _pair_seeds(seed, k, n), on_pair=tell)
+                tell(n, "lmc")
+                aligned = P.apply(ctx.spec, run.perm, b, batch_dims=1)
+                curves = pair_curves(module, a, aligned, pk, data, points)
+            except Exception as exc:  # noqa: BLE001 - a failing method is reported, the run goes on
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                if not isinstance(exc, DeepAlignError):
+                    msg = f"{type(exc).__name__}: {msg}"
+                entry.update(status="failed", error=msg[:300], failed_seed=k)
+                run_no += seeds - k
+                tell(n + 1, "failed")
+                break
+            rows.extend(_records(run, a, aligned, curves, pk, k, ctx))
+            curves_all.append(curves)
+            entry["timing"] = run.timing
+            if run.batched_seconds:
+                entry.setdefault("batched_seconds_per_pair", []).append(run.batched_seconds)
+            if run.trajectories:
+                kept_runs.setdefault(method, []).append((run, k))
+            tell(n + 1, "done")
+            run_no += 1
+        if entry["status"] == "ok":
+            entry["summary"] = summarise(rows, seeds)
+            entry["curve"] = _mean_curve(curves_all)
+            entry["pairs"] = rows
+        else:
+            kept_runs.pop(method, None)
+        results[method] = entry
+    trajectories: dict[str, Any] = {}
+    for method, runs in kept_runs.items():
+        if on_progress is not None:
+            on_progress(
+                {"method": method, "seed": 0, "run": run_no, "runs": runs_total, "done": 0,
+                 "total": 1, "stage": "sinkhorn trajectory"}
+            )  # fmt: skip
+        curve = _trajectory_curve(runs, a_by_seed, b_by_seed, drawn, ctx, module, data, points)
+        if on_progress is not None:
+            on_progress(
+                {"method": method, "seed": 0, "run": run_no, "runs": runs_total, "done": 1,
+                 "total": 1, "stage": "sinkhorn trajectory"}
+            )  # fmt: skip
+        if curve is not None:
+            trajectories[method] = {**curve, "start": _start(method)}
+    result = {
+        "format": "deepalign-bench/1",
+        "settings": {
+            "zoo": str(z.path),
+            "task": z.task,
+            "kind": z.kind,
+            "architecture": z.config,
+            "aligner": None if model is None else _aligner_name(aligner),
+            "methods": method_list,
+            "pairs_requested": pairs,
+            "pairs": len(drawn[0]),
+            "pairs_available": len(candidates),
+            "pair_kind": "two views of one target"
+            if (z.kind != "classifier" and z.plan.views >= 2)
+            else "two distinct test networks",
+            "seeds": seeds,
+            "seed": seed,
+            "points": points,
+            "loss": data.loss_name,
+            "eval_split": "test" if data.is_classifier else "INR coordinates",
+            "eval_examples": data.eval_examples,
+            "data_examples": data.solver_examples,
+            "data_split": "train" if data.is_classifier else "INR coordinates",
+            "sinkhorn_steps": sinkhorn_steps,
+            "sinkhorn_loss": "task (cross-entropy at random lam)" if data.is_classifier else "l2",
+            "trajectory_steps": sinkhorn_opts["trajectory_steps"],
+            "trajectory_pairs": min(trajectory_pairs, len(drawn[0])),
+            "options": {m: {k: _jsonable(v) for k, v in o.items()} for m, o in options.items()},
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        },
+        "pair_draws": [[list(p) for p in d] for d in drawn],
+        "methods": results,
+        "sinkhorn_init": trajectories,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    if out_path is not None:
+        write_outputs(out_path, result)
+    return result
+
+
+def _start(method: str) -> str:
+    """What a Sinkhorn chain starts from: the methods before the last, or none."""
+    return "+".join(p.strip() for p in method.split("+")[:-1]) or "none"
+
+
+def _aligner_name(aligner: Any) -> str:
+    return str(aligner) if isinstance(aligner, (str, os.PathLike)) else "in-memory model"
+
+
+def _jsonable(v: Any) -> Any:
+    return v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v)
