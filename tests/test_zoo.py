@@ -127,7 +127,12 @@ def test_batched_training_equals_per_model_training(task, kw):
     test = load("digits", "test")
     for j, row in enumerate(plan.base_rows()[: len(plan.shard_indices(0))]):
         ref = _reference_classifier(
-            plan.arch, row["seed"], data["train"], plan.training.epochs, 64, plan.training.lr
+            plan.arch,
+            row["seed"],
+            data["train"],
+            plan.training.epochs,
+            plan.training.batch_size,
+            plan.training.lr,
         )
         for k, v in ref.items():
             assert torch.allclose(params[k][j], v, atol=2e-5), (task, j, k)

@@ -53,7 +53,7 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task(
-            "mlp-digits", CLASSIFIER, "digits", (32, 32, 32), _mlp(64), 10, 3e-3, 64,
+            "mlp-digits", CLASSIFIER, "digits", (32, 32, 32), _mlp(64), 10, 5e-3, 128,
             shard_size=500, help="MLP 64-32-32-32-10 on the 8x8 digits (the default)",
         ),
         Task(
