@@ -275,3 +275,38 @@ def test_demo_model_sizes_match_the_train_command():
 
     assert SIZES["cpu"] == CPU_MODEL
     assert SIZES["tiny"] == TINY_MODEL
+
+
+class _Kill(BaseException):
+    """Stands in for a kill (not an Exception, so the bench does not record it as a failure)."""
+
+
+def test_a_killed_bench_resumes_to_the_same_result(zoo, tmp_path):
+    kw = dict(pairs=2, methods="identity,wm,sinkhorn", points=3, sinkhorn_steps=2)
+    straight = run_bench(zoo, None, tmp_path / "straight", **kw)
+
+    def kill_at_sinkhorn(ev):
+        if ev["method"] == "sinkhorn":
+            raise _Kill
+
+    out = tmp_path / "killed"
+    with pytest.raises(_Kill):
+        run_bench(zoo, None, out, on_progress=kill_at_sinkhorn, **kw)
+    assert (out / "bench.partial.pt").is_file()
+    assert not any((out / name).exists() for name in OUTPUTS)
+    resumed = run_bench(zoo, None, out, **kw)
+    assert resumed["resumed_runs"] == 2  # identity and wm were finished before the kill
+    assert not (out / "bench.partial.pt").exists()
+    for m in ("identity", "wm", "sinkhorn"):
+        got = [
+            (r["a"], r["b"], r["barrier"], r["objective"]) for r in resumed["methods"][m]["pairs"]
+        ]
+        want = [
+            (r["a"], r["b"], r["barrier"], r["objective"]) for r in straight["methods"][m]["pairs"]
+        ]
+        assert got == want, m
+    # a rerun with other settings does not reuse the runs a killed one left
+    with pytest.raises(_Kill):
+        run_bench(zoo, None, out, on_progress=kill_at_sinkhorn, **kw)
+    other = run_bench(zoo, None, out, **{**kw, "points": 4})
+    assert other["resumed_runs"] == 0 and other["settings"]["points"] == 4

@@ -74,7 +74,7 @@ PROFILES = {
         train_epochs=10,
         train_steps=40,
         train_batch=32,
-        pairs=50,
+        pairs=32,
         points=25,
         sinkhorn_steps=100,
     ),

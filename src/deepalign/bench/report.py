@@ -14,7 +14,7 @@ from typing import Any
 from deepalign.core.io import atomic_path
 
 OUTPUTS = ("bench.json", "bench.md", "lmc.png", "sinkhorn_init.png")
-SHORT_COLUMNS = ("method", "barrier", "AUC", "acc@0.5", "WM obj.", "L2", "s/pair")
+SHORT_COLUMNS = ("method", "barrier", "AUC", "acc@λ=.5", "WM obj.", "s/pair")
 COLUMNS = (
     "Method",
     "Barrier ↓",
@@ -26,22 +26,26 @@ COLUMNS = (
 )
 
 
-def _pm(stat: Mapping[str, Any] | None, fmt: str) -> str:
+def _pm(stat: Mapping[str, Any] | None, fmt: str, compact: bool = False) -> str:
     if not stat or stat.get("mean") is None or math.isnan(stat["mean"]):
         return "—"
+    if compact:
+        return f"{stat['mean']:{fmt}}"
     return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
 
 
-def _acc(stat: Mapping[str, Any] | None) -> str:
+def _acc(stat: Mapping[str, Any] | None, compact: bool = False) -> str:
     if not stat:
         return "—"
+    if compact:
+        return f"{100 * stat['mean']:.1f}%"
     return f"{100 * stat['mean']:.1f}% ± {100 * stat['std']:.1f}"
 
 
 def _time(entry: Mapping[str, Any], compact: bool) -> str:
     sec = entry["summary"]["seconds"]["mean"]
     timing = entry.get("timing", "per pair")
-    text = f"{sec:.3g}"
+    text = f"{sec:.2g}" if compact else f"{sec:.3g}"
     if timing == "batched (amortised)" or (compact and timing.startswith("batched")):
         return f"{text} ᵇ"
     if timing.startswith("batched"):
@@ -53,27 +57,29 @@ def _time(entry: Mapping[str, Any], compact: bool) -> str:
 def table_rows(result: Mapping[str, Any], compact: bool = False) -> list[list[str]]:
     """One row per method, cells as in the markdown table (failed methods carry their error).
 
-    ``compact`` (the terminal): the method's name only, and no split of chained times.
+    ``compact`` (the terminal, :data:`SHORT_COLUMNS`): the method's name only, means without
+    their std, no L2 column, and no split of chained times.
     """
     rows = []
     for entry in result["methods"].values():
         name = entry["method"] if compact else f"{entry['label']} (`{entry['method']}`)"
+        width = len(SHORT_COLUMNS if compact else COLUMNS)
         if entry["status"] != "ok":
             err = str(entry.get("error", "unknown error")).replace("|", "/")
-            rows.append([name, "failed" if compact else f"failed: {err}", "—", "—", "—", "—", "—"])
+            rows.append([name, "failed" if compact else f"failed: {err}"] + ["—"] * (width - 2))
             continue
         s = entry["summary"]
-        rows.append(
-            [
-                name,
-                _pm(s["barrier"], ".3f"),
-                _pm(s["auc"], ".3f"),
-                _acc(s["acc_mid"]),
-                _pm(s["objective"], ".2f"),
-                _pm(s["l2"], ".2f"),
-                _time(entry, compact),
-            ]
-        )
+        row = [
+            name,
+            _pm(s["barrier"], ".3f", compact),
+            _pm(s["auc"], ".3f", compact),
+            _acc(s["acc_mid"], compact),
+            _pm(s["objective"], ".2f", compact),
+        ]
+        if not compact:
+            row.append(_pm(s["l2"], ".2f"))
+        row.append(_time(entry, compact))
+        rows.append(row)
     return rows
 
 

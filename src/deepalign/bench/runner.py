@@ -22,6 +22,7 @@ import torch
 from deepalign.bench.evaluate import TaskData, pair_curves, task_data, value_at
 from deepalign.bench.methods import Context, MethodRun, run_method, warm_up
 from deepalign.bench.pairs import candidate_pairs, draw_pairs
+from deepalign.bench.resume import PartialRuns, model_digest, run_key
 from deepalign.bench.stats import mean_std
 from deepalign.core import permutation as P
 from deepalign.core.functional import unstack_state
@@ -133,7 +134,7 @@ def _records(
     curves: Mapping[str, Any],
     pairs: Sequence[tuple[int, int]],
     k: int,
-    ctx: Context,
+    spec: Any,
 ) -> list[dict[str, Any]]:
     lam = curves["lambdas"]
     loss_mid = value_at(lam, curves["loss"])
@@ -151,8 +152,8 @@ def _records(
                 "auc": float(curves["auc"][i]),
                 "loss_mid": float(loss_mid[i]),
                 "acc_mid": None if acc_mid is None else float(acc_mid[i]),
-                "objective": weight_inner(ai, bi, ctx.spec),
-                "l2": l2_distance(ai, bi, ctx.spec),
+                "objective": weight_inner(ai, bi, spec),
+                "l2": l2_distance(ai, bi, spec),
                 "seconds": float(run.seconds[i]),
             }
         )
@@ -175,55 +176,97 @@ def summarise(rows: Sequence[Mapping[str, Any]], seeds: int) -> dict[str, Any]:
     return out
 
 
-def _mean_curve(curves: list[Mapping[str, Any]]) -> dict[str, Any]:
-    loss = torch.cat([c["loss"] for c in curves])
-    acc = None if curves[0]["accuracy"] is None else torch.cat([c["accuracy"] for c in curves])
+def _mean_curve(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    loss = torch.cat([r["loss"] for r in records])
+    acc = None if records[0]["accuracy"] is None else torch.cat([r["accuracy"] for r in records])
     return {
-        "lambdas": [float(x) for x in curves[0]["lambdas"]],
+        "lambdas": [float(x) for x in records[0]["lambdas"]],
         "loss": loss.mean(0).tolist(),
         "loss_std": (loss.std(0) if loss.shape[0] > 1 else torch.zeros_like(loss[0])).tolist(),
         "accuracy": None if acc is None else acc.mean(0).tolist(),
     }
 
 
-def _trajectory_curve(
-    runs: list[tuple[MethodRun, int]],
-    a_by_seed: list[dict[str, torch.Tensor]],
-    b_by_seed: list[dict[str, torch.Tensor]],
-    pairs_by_seed: list[list[tuple[int, int]]],
-    ctx: Context,
-    module: torch.nn.Module,
-    data: TaskData,
-    points: int,
-) -> dict[str, Any] | None:
-    """Barrier (mean, std over the recorded pairs of every seed) at each recorded Sinkhorn step."""
-    per_step: dict[int, list[float]] = {}
-    for run, k in runs:
-        if not run.trajectories:
-            continue
-        t = len(run.trajectories)
-        steps = [s for s, _ in run.trajectories[0]]
-        if any([s for s, _ in tr] != steps for tr in run.trajectories):
-            continue
-        a = {key: v[:t] for key, v in a_by_seed[k].items()}
-        b = {key: v[:t] for key, v in b_by_seed[k].items()}
-        for j, step in enumerate(steps):
-            perm = {
-                g: torch.stack([tr[j][1][g] for tr in run.trajectories]) for g in ctx.spec.groups
-            }
-            aligned = P.apply(ctx.spec, perm, b, batch_dims=1)
-            curves = pair_curves(module, a, aligned, pairs_by_seed[k][:t], data, points)
-            per_step.setdefault(step, []).extend(float(x) for x in curves["barrier"])
-    if not per_step:
-        return None
-    steps = sorted(per_step)
-    stats = [mean_std(per_step[s]) for s in steps]
-    return {
-        "steps": steps,
-        "barrier_mean": [s["mean"] for s in stats],
-        "barrier_std": [s["std"] for s in stats],
-        "pairs": len(per_step[steps[0]]),
-    }
+class _Bench:
+    """One bench run's fixed inputs: pairs and their weights per seed, data, solver context."""
+
+    def __init__(
+        self,
+        zoo: Zoo,
+        ctx: Context,
+        data: TaskData,
+        drawn: list[list[tuple[int, int]]],
+        points: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.zoo, self.ctx, self.data, self.drawn = zoo, ctx, data, drawn
+        self.points, self.seed = points, seed
+        self.a = [zoo.load([p[0] for p in d], device) for d in drawn]
+        self.b = [zoo.load([p[1] for p in d], device) for d in drawn]
+
+    def run(self, method: str, k: int, tell: Callable[..., None]) -> dict[str, Any]:
+        """Align seed ``k``'s pairs with ``method`` and evaluate them: the record of that run."""
+        a, b, pairs = self.a[k], self.b[k], self.drawn[k]
+        n = len(pairs)
+        if k == 0:
+            warm_up(method, a, b, self.ctx)
+        run = run_method(method, a, b, self.ctx, _pair_seeds(self.seed, k, n), on_pair=tell)
+        tell(n, "lmc")
+        aligned = P.apply(self.ctx.spec, run.perm, b, batch_dims=1)
+        curves = pair_curves(self.ctx.module, a, aligned, pairs, self.data, self.points)
+        return {
+            "rows": _records(run, a, aligned, curves, pairs, k, self.ctx.spec),
+            "lambdas": curves["lambdas"],
+            "loss": curves["loss"],
+            "accuracy": curves["accuracy"],
+            "timing": run.timing,
+            "batched_seconds": run.batched_seconds,
+            "trajectories": run.trajectories,
+        }
+
+    def trajectory_curve(self, records: list[tuple[dict[str, Any], int]]) -> dict[str, Any] | None:
+        """Barrier (mean, std over the traced pairs of every seed) at each recorded Sinkhorn step."""
+        per_step: dict[int, list[float]] = {}
+        spec = self.ctx.spec
+        for rec, k in records:
+            trajs = rec["trajectories"]
+            if not trajs:
+                continue
+            steps = [s for s, _ in trajs[0]]
+            if any([s for s, _ in tr] != steps for tr in trajs):
+                continue
+            t = len(trajs)
+            a = {key: v[:t] for key, v in self.a[k].items()}
+            b = {key: v[:t] for key, v in self.b[k].items()}
+            device = next(iter(b.values())).device
+            for j, step in enumerate(steps):
+                perm = {
+                    g: torch.stack([tr[j][1][g] for tr in trajs]).to(device) for g in spec.groups
+                }
+                aligned = P.apply(spec, perm, b, batch_dims=1)
+                curves = pair_curves(
+                    self.ctx.module, a, aligned, self.drawn[k][:t], self.data, self.points
+                )
+                per_step.setdefault(int(step), []).extend(float(x) for x in curves["barrier"])
+        if not per_step:
+            return None
+        steps = sorted(per_step)
+        stats = [mean_std(per_step[s]) for s in steps]
+        return {
+            "steps": steps,
+            "barrier_mean": [s["mean"] for s in stats],
+            "barrier_std": [s["std"] for s in stats],
+            "pairs": len(per_step[steps[0]]),
+        }
+
+
+def _error_text(exc: Exception) -> str:
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else ""
+    if not isinstance(exc, DeepAlignError):
+        msg = f"{type(exc).__name__}: {msg}"
+    return msg[:300]
 
 
 def run_bench(
@@ -246,13 +289,15 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark ``methods`` on held-out test pairs of ``zoo``; writes the outputs to ``out``.
 
-    ``aligner``: an aligner folder or a loaded ``DeepAlign`` (None when no ``deepalign*`` method
-    runs). ``data_examples``: training examples that ``am`` (and Sinkhorn's task loss) see;
-    ``eval_examples``: test examples of the curves (None: the whole test split).
+    ``aligner``: an aligner folder or a loaded ``DeepAlign`` (may be None when no ``deepalign*``
+    method runs). ``data_examples``: training examples that ``am`` (and Sinkhorn's task loss)
+    see; ``eval_examples``: test examples of the curves (None: the whole test split).
     ``trajectory_pairs``: pairs per seed whose Sinkhorn trajectories feed ``sinkhorn_init.png``.
     ``options``: extra solver options per method, e.g. ``{"sinkhorn": {"lr": 0.05}}``.
     ``on_progress(event)`` gets dicts with ``method``, ``seed``, ``run``, ``runs``, ``done``,
-    ``total`` and ``stage`` as the work advances. Returns the result written to ``bench.json``.
+    ``total`` and ``stage`` as the work advances. Every bad input is refused before any work.
+    A killed run resumes from its finished (method, seed) runs (``bench.partial.pt`` in ``out``).
+    Returns the result written to ``bench.json``.
     """
     from deepalign.bench.report import write_outputs
 
@@ -273,18 +318,13 @@ def run_bench(
     dev = torch.device(device)
     z = zoo if isinstance(zoo, Zoo) else Zoo(zoo)
     need = [m for m in method_list if _needs_aligner(m)]
-    model = None
-    if need:
-        if aligner is None:
-            raise DeepAlignError(
-                f"method(s) {', '.join(need)} need a trained aligner (--aligner DIR)"
-            )
-        model = load_aligner(aligner, z, dev)
+    if need and aligner is None:
+        raise DeepAlignError(f"method(s) {', '.join(need)} need a trained aligner (--aligner DIR)")
+    model = None if aligner is None else load_aligner(aligner, z, dev)  # checked even if unused
     candidates = candidate_pairs(z)
     drawn = [draw_pairs(candidates, pairs, seed, k) for k in range(seeds)]
     involved = sorted({i for d in drawn for p in d for i in p})
     data = task_data(z, involved, dev, data_examples, eval_examples, seed)
-    module = z.module().to(dev)
     sinkhorn_opts: dict[str, Any] = {
         "steps": sinkhorn_steps,
         "trajectory_steps": trajectory_steps(sinkhorn_steps),
@@ -293,120 +333,121 @@ def run_bench(
         sinkhorn_opts["loss"] = "l2"
     ctx = Context(
         spec=z.spec,
-        module=module,
+        module=z.module().to(dev),
         solver_data=data.solver_data,
         aligner=model,
         options=options,
         sinkhorn=sinkhorn_opts,
         trajectory_pairs=trajectory_pairs,
     )
-    a_by_seed = [z.load([p[0] for p in d], dev) for d in drawn]
-    b_by_seed = [z.load([p[1] for p in d], dev) for d in drawn]
+    settings = {
+        "zoo": str(z.path),
+        "task": z.task,
+        "kind": z.kind,
+        "architecture": z.config,
+        "aligner": None if model is None else _aligner_name(aligner),
+        "aligner_used": bool(need),
+        "methods": method_list,
+        "pairs_requested": pairs,
+        "pairs": len(drawn[0]),
+        "pairs_available": len(candidates),
+        "pair_kind": "two views of one target"
+        if (z.kind != "classifier" and z.plan.views >= 2)
+        else "two distinct test networks",
+        "seeds": seeds,
+        "seed": seed,
+        "points": points,
+        "loss": data.loss_name,
+        "eval_split": "test" if data.is_classifier else "INR coordinates",
+        "eval_examples": data.eval_examples,
+        "data_examples": data.solver_examples,
+        "data_split": "train" if data.is_classifier else "INR coordinates",
+        "sinkhorn_steps": sinkhorn_steps,
+        "sinkhorn_loss": "task (cross-entropy at random lam)" if data.is_classifier else "l2",
+        "trajectory_steps": sinkhorn_opts["trajectory_steps"],
+        "trajectory_pairs": min(trajectory_pairs, len(drawn[0])),
+        "options": {m: {k: _jsonable(v) for k, v in o.items()} for m, o in options.items()},
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    key = run_key(
+        [
+            {k: v for k, v in settings.items() if k not in ("threads", "methods")},
+            z.plan.fingerprint,
+            drawn,
+            model_digest(model),
+        ]
+    )
+    partial = PartialRuns(out_path, key)
+    bench = _Bench(z, ctx, data, drawn, points, seed, dev)
     runs_total = len(method_list) * seeds
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
-    kept_runs: dict[str, list[tuple[MethodRun, int]]] = {}
+    traced: dict[str, list[tuple[dict[str, Any], int]]] = {}
+    resumed = 0
     run_no = 0
     for method in method_list:
-        rows: list[dict[str, Any]] = []
-        curves_all: list[dict[str, Any]] = []
         entry: dict[str, Any] = {"method": method, "label": label(method), "status": "ok"}
+        records: list[dict[str, Any]] = []
         for k in range(seeds):
-            a, b, pk = a_by_seed[k], b_by_seed[k], drawn[k]
-            n = len(pk)
-            event = {"method": method, "seed": k, "run": run_no, "runs": runs_total, "total": n + 1}
+            event = {"method": method, "seed": k, "run": run_no, "runs": runs_total}
+            event["total"] = len(drawn[k]) + 1
 
             def tell(done: int, stage: str = "align", event=event) -> None:
                 if on_progress is not None:
                     on_progress({**event, "done": done, "stage": stage})
 
             tell(0)
-            try:
-                if k == 0:
-                    warm_up(method, a, b, ctx)
-                run = run_method(method, a, b, ctx, _pair_seeds(seed, k, n), on_pair=tell)
-                tell(n, "lmc")
-                aligned = P.apply(ctx.spec, run.perm, b, batch_dims=1)
-                curves = pair_curves(module, a, aligned, pk, data, points)
-            except Exception as exc:  # noqa: BLE001 - a failing method is reported, the run goes on
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                if not isinstance(exc, DeepAlignError):
-                    msg = f"{type(exc).__name__}: {msg}"
-                entry.update(status="failed", error=msg[:300], failed_seed=k)
-                run_no += seeds - k
-                tell(n + 1, "failed")
-                break
-            rows.extend(_records(run, a, aligned, curves, pk, k, ctx))
-            curves_all.append(curves)
-            entry["timing"] = run.timing
-            if run.batched_seconds:
-                entry.setdefault("batched_seconds_per_pair", []).append(run.batched_seconds)
-            if run.trajectories:
-                kept_runs.setdefault(method, []).append((run, k))
-            tell(n + 1, "done")
+            rec = partial.get(method, k)
+            if rec is not None:
+                resumed += 1
+            else:
+                try:
+                    rec = bench.run(method, k, tell)
+                except Exception as exc:  # noqa: BLE001 - a failing method is reported; the run goes on
+                    entry.update(status="failed", error=_error_text(exc), failed_seed=k)
+                    run_no += seeds - k
+                    tell(event["total"], "failed")
+                    break
+                partial.put(method, k, rec)
+            records.append(rec)
+            tell(event["total"], "done")
             run_no += 1
         if entry["status"] == "ok":
+            rows = [r for rec in records for r in rec["rows"]]
+            entry["timing"] = records[0]["timing"]
+            if records[0]["batched_seconds"]:
+                entry["batched_seconds_per_pair"] = [rec["batched_seconds"] for rec in records]
             entry["summary"] = summarise(rows, seeds)
-            entry["curve"] = _mean_curve(curves_all)
+            entry["curve"] = _mean_curve(records)
             entry["pairs"] = rows
-        else:
-            kept_runs.pop(method, None)
+            if any(rec["trajectories"] for rec in records):
+                traced[method] = [(rec, k) for k, rec in enumerate(records)]
         results[method] = entry
     trajectories: dict[str, Any] = {}
-    for method, runs in kept_runs.items():
+    for method, recs in traced.items():
+        event = {"method": method, "seed": 0, "run": run_no, "runs": runs_total, "total": 1}
         if on_progress is not None:
-            on_progress(
-                {"method": method, "seed": 0, "run": run_no, "runs": runs_total, "done": 0,
-                 "total": 1, "stage": "sinkhorn trajectory"}
-            )  # fmt: skip
-        curve = _trajectory_curve(runs, a_by_seed, b_by_seed, drawn, ctx, module, data, points)
-        if on_progress is not None:
-            on_progress(
-                {"method": method, "seed": 0, "run": run_no, "runs": runs_total, "done": 1,
-                 "total": 1, "stage": "sinkhorn trajectory"}
-            )  # fmt: skip
+            on_progress({**event, "done": 0, "stage": "sinkhorn trajectory"})
+        curve = bench.trajectory_curve(recs)
         if curve is not None:
             trajectories[method] = {**curve, "start": _start(method)}
+        if on_progress is not None:
+            on_progress({**event, "done": 1, "stage": "sinkhorn trajectory"})
     result = {
         "format": "deepalign-bench/1",
-        "settings": {
-            "zoo": str(z.path),
-            "task": z.task,
-            "kind": z.kind,
-            "architecture": z.config,
-            "aligner": None if model is None else _aligner_name(aligner),
-            "methods": method_list,
-            "pairs_requested": pairs,
-            "pairs": len(drawn[0]),
-            "pairs_available": len(candidates),
-            "pair_kind": "two views of one target"
-            if (z.kind != "classifier" and z.plan.views >= 2)
-            else "two distinct test networks",
-            "seeds": seeds,
-            "seed": seed,
-            "points": points,
-            "loss": data.loss_name,
-            "eval_split": "test" if data.is_classifier else "INR coordinates",
-            "eval_examples": data.eval_examples,
-            "data_examples": data.solver_examples,
-            "data_split": "train" if data.is_classifier else "INR coordinates",
-            "sinkhorn_steps": sinkhorn_steps,
-            "sinkhorn_loss": "task (cross-entropy at random lam)" if data.is_classifier else "l2",
-            "trajectory_steps": sinkhorn_opts["trajectory_steps"],
-            "trajectory_pairs": min(trajectory_pairs, len(drawn[0])),
-            "options": {m: {k: _jsonable(v) for k, v in o.items()} for m, o in options.items()},
-            "device": str(dev),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-        },
+        "settings": settings,
         "pair_draws": [[list(p) for p in d] for d in drawn],
         "methods": results,
         "sinkhorn_init": trajectories,
+        "resumed_runs": resumed,
         "wall_seconds": time.perf_counter() - started,
     }
     if out_path is not None:
         write_outputs(out_path, result)
+        partial.finish()
     return result
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import typer
+from rich import box
 from rich.table import Table
 
 from deepalign.cli.common import DEVICE, SEED, app, console, progress, resolve_device
@@ -52,7 +53,7 @@ def print_table(result: Mapping[str, Any], title: str) -> None:
     """The bench table on the terminal (the same cells as bench.md)."""
     from deepalign.bench.report import SHORT_COLUMNS, table_rows
 
-    table = Table(title=title, show_lines=False)
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
     for i, col in enumerate(SHORT_COLUMNS):
         table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in table_rows(result, compact=True):
@@ -64,8 +65,8 @@ def print_table(result: Mapping[str, Any], title: str) -> None:
                 f"{entry['method']} failed: {entry['error']}", markup=False, highlight=False
             )
     console.print(
-        "ᵇ batched: all pairs in one call, time amortised per pair; chains add the second "
-        "method's own time.",
+        "means over all pairs and seeds (± std in bench.md); ᵇ batched: all pairs in one call, "
+        "time amortised per pair (chains add the second method's own time).",
         markup=False,
         highlight=False,
         soft_wrap=True,
