@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from deepalign.zoo.plan import make_plan
 
 FORMAT = "deepalign-demo/1"
 TASK = "mlp-digits"
-# Deep-Align sizes as `deepalign train --size cpu` / `--size tiny` (tests check they stay equal).
+# Deep-Align sizes for library callers; the CLI passes `deepalign train --size`'s table instead
+# (``model_sizes``), so `deepalign demo` trains exactly what `--size cpu` / `--size tiny` name.
 CPU_MODEL = {"hidden": 32, "n_layers": 2, "out_features": 64, "edge_channels": 8}
 TINY_MODEL = {
     "hidden": 8,
@@ -40,6 +41,7 @@ TINY_MODEL = {
     "edge_channels": 4,
     "set_layer": "deepsets",
 }
+SIZES = {"cpu": CPU_MODEL, "tiny": TINY_MODEL}
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class DemoProfile:
     zoo_n: int
     zoo_hidden: tuple[int, ...] | None  # None: the task default (32, 32, 32)
     zoo_epochs: int | None  # None: the task default (10)
-    model: dict[str, Any]
+    size: str  # Deep-Align size name: "cpu" or "tiny"
     train_epochs: int
     train_steps: int
     train_batch: int
@@ -70,7 +72,7 @@ PROFILES = {
         zoo_n=500,
         zoo_hidden=None,
         zoo_epochs=None,
-        model=CPU_MODEL,
+        size="cpu",
         train_epochs=10,
         train_steps=40,
         train_batch=32,
@@ -83,7 +85,7 @@ PROFILES = {
         zoo_n=40,
         zoo_hidden=(12, 10),
         zoo_epochs=1,
-        model=TINY_MODEL,
+        size="tiny",
         train_epochs=1,
         train_steps=2,
         train_batch=4,
@@ -164,8 +166,11 @@ def run_demo(
     quick: bool = False,
     device: str | torch.device = "cpu",
     hooks: DemoHooks | None = None,
+    model_sizes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Build the digits zoo, train the aligner, run the bench (each reused when already done).
+
+    ``model_sizes`` maps size names to ``DeepAlignConfig`` fields (default: :data:`SIZES`).
 
     Returns ``{"out", "profile", "zoo", "aligner", "bench", "outputs", "result", "reused",
     "seconds"}``; ``result`` is the bench result (as in ``bench.json``).
@@ -177,7 +182,8 @@ def run_demo(
     profile = PROFILES["quick" if quick else "full"]
     folder = check_out(out)
     stamp_path = folder / "demo.json"
-    settings = json.loads(json.dumps(asdict(profile)))
+    model = dict((model_sizes or SIZES)[profile.size])
+    settings = json.loads(json.dumps({**asdict(profile), "model": model}))
     stamp = _read_stamp(stamp_path)
     if stamp is not None and stamp.get("settings") != settings:
         raise DeepAlignError(
@@ -232,7 +238,7 @@ def run_demo(
         train_aligner(
             zoo_dir,
             al_dir,
-            DeepAlignConfig(**profile.model),
+            DeepAlignConfig(**model),
             cfg,
             dev,
             resume=True,
