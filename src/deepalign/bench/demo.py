@@ -183,7 +183,12 @@ def run_demo(
     folder = check_out(out)
     stamp_path = folder / "demo.json"
     model = dict((model_sizes or SIZES)[profile.size])
-    settings = json.loads(json.dumps({**asdict(profile), "model": model}))
+    plan = make_plan(
+        TASK, profile.zoo_n, profile.seed, hidden=profile.zoo_hidden, epochs=profile.zoo_epochs
+    )
+    settings = json.loads(
+        json.dumps({**asdict(profile), "model": model, "zoo_plan": plan.fingerprint})
+    )
     stamp = _read_stamp(stamp_path)
     if stamp is not None and stamp.get("settings") != settings:
         raise DeepAlignError(
@@ -199,9 +204,6 @@ def run_demo(
 
     # 1. the zoo (resumes shard by shard)
     zoo_dir = folder / "zoo"
-    plan = make_plan(
-        TASK, profile.zoo_n, profile.seed, hidden=profile.zoo_hidden, epochs=profile.zoo_epochs
-    )
     reused["zoo"] = (zoo_dir / "manifest.json").is_file() and Zoo(zoo_dir).complete
     _say(
         hooks,
