@@ -133,7 +133,7 @@ def test_backward_reaches_every_parameter(train_mode):
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
-    assert model.scale.grad.abs() > 0
+    assert model.log_scale.grad.abs() > 0
 
 
 def test_downsample_embeds_the_input_axis_linearly_in_width():

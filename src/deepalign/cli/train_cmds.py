@@ -18,8 +18,9 @@ SIZES = {
         "out_features": 16,
         "edge_channels": 4,
         "set_layer": "deepsets",
+        "init_scale": 3.0,
     },
-    "cpu": {"hidden": 32, "n_layers": 2, "out_features": 64, "edge_channels": 8},
+    "cpu": {"hidden": 32, "n_layers": 2, "out_features": 64, "edge_channels": 8, "init_scale": 3.0},
     "paper": {},
 }
 

@@ -10,6 +10,7 @@ into A's basis: ``apply(layout.spec, perm, state_b, batch_dims=1)``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -59,6 +60,7 @@ class DeepAlignConfig:
     activation: str = "relu"
     batchnorm: bool = True
     input_norm: bool = True
+    init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +101,8 @@ class DeepAlignConfig:
             or self.downsample < 1
         ):
             raise bad(f"downsample must be None or a positive integer, got {self.downsample!r}")
+        if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
+            raise bad(f"init_scale must be a positive number, got {self.init_scale!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise bad(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.set_layer == "sab":
@@ -166,7 +170,9 @@ class DeepAlign(nn.Module):
             input_norm=config.input_norm,
             outputs="hidden_biases",
         )
-        self.scale = nn.Parameter(torch.ones(()))
+        # Q = s^2 cos(a, a'): s is learned in log space so it can grow quickly from ``init_scale``
+        # (s is the inverse temperature of the row softmax and of Sinkhorn).
+        self.log_scale = nn.Parameter(torch.tensor(math.log(config.init_scale)))
 
     @property
     def groups(self) -> list[str]:
@@ -176,11 +182,12 @@ class DeepAlign(nn.Module):
     # -- embeddings -----------------------------------------------------------------------------
     def embed_view(self, weights: tuple[Tensor, ...], biases: tuple[Tensor, ...]) -> list[Tensor]:
         """Per hidden layer, ``(B, d_m, out_features)`` neuron embeddings: unit norm times ``scale``."""
-        p = self.scale
+        p = self.log_scale
         weights = tuple(w.to(device=p.device, dtype=p.dtype) for w in weights)
         biases = tuple(b.to(device=p.device, dtype=p.dtype) for b in biases)
         feats = self.encoder(weights, biases)
-        return [F.normalize(a, dim=-1) * self.scale for a in feats]
+        scale = self.log_scale.exp()
+        return [F.normalize(a, dim=-1) * scale for a in feats]
 
     def embed(self, stacked: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Neuron embeddings of a batch of networks, keyed by hidden group."""
