@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -239,6 +240,26 @@ class DeepAlign(nn.Module):
         finally:
             self.train(was_training)
         return {g: linear_assignment(q) for g, q in scores.items()}
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, device: torch.device | str = "cpu"
+    ) -> DeepAlign:
+        """Load a trained aligner folder (``config.json`` + ``model.safetensors``)."""
+        from deepalign.nn.pretrained import load_pretrained
+
+        return load_pretrained(folder, device)
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike,
+        arch: Mapping[str, Any],
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write this aligner as a folder; ``arch`` is the config of the networks it aligns."""
+        from deepalign.nn.pretrained import save_pretrained
+
+        save_pretrained(self, folder, arch, info)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
