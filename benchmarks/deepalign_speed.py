@@ -92,6 +92,19 @@ def run_case(case: dict, repeats: int, threads: int, wm_pairs: int) -> dict:
         t_lsa = median_time(lambda: [linear_assignment(q) for q in scores.values()], repeats)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
+    t_train = None
+    if case["tag"] == "main":  # one training step: forward, Sinkhorn, backward (train-mode BN)
+        model.train()
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            soft = model.soft(model(a, b))
+            loss = sum(-(p.diagonal(dim1=-2, dim2=-1) + 1e-9).log().mean() for p in soft.values())
+            loss.backward()
+
+        t_train = median_time(step, max(1, repeats // 2))
+        model.eval()
+
     wm_times = []
     for i in range(min(wm_pairs, case["batch"])):
         sa, sb = unstack_state(a, i), unstack_state(b, i)
@@ -105,23 +118,32 @@ def run_case(case: dict, repeats: int, threads: int, wm_pairs: int) -> dict:
         "hungarian_s_per_pair": t_lsa / n,
         "pairs_per_s": n / t_align,
         "peak_mem_mb": (rss1 - rss0) / 1024,  # ru_maxrss is in KiB on Linux
+        "train_step_s_per_pair": None if t_train is None else t_train / n,
         "wm_s_per_pair": statistics.median(wm_times) if wm_times else None,
     }
+
+
+def reference_gflops(threads: int) -> float:
+    """A fixed fp32 matrix product, to say how fast (how contended) the machine was in this run."""
+    torch.set_num_threads(threads)
+    x, y = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / median_time(lambda: x @ y, 5) / 1e9
 
 
 def table(rows: list[dict]) -> str:
     head = (
         "| networks | config | downsample | batch | params | align ms/pair | forward ms/pair "
-        "| Hungarian ms/pair | pairs/s | peak MB | WM ms/pair |"
+        "| Hungarian ms/pair | pairs/s | peak MB | WM ms/pair | train step ms/pair |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
+        train = r["train_step_s_per_pair"]
         lines.append(
             f"| {'-'.join(map(str, r['widths']))} | {r['config']} | {r['downsample']} | {r['batch']} "
             f"| {r['params'] / 1e6:.2f}M | {1e3 * r['align_s_per_pair']:.1f} "
             f"| {1e3 * r['forward_s_per_pair']:.1f} | {1e3 * r['hungarian_s_per_pair']:.2f} "
             f"| {r['pairs_per_s']:.1f} | {r['peak_mem_mb']:.0f} "
-            f"| {1e3 * r['wm_s_per_pair']:.1f} |"
+            f"| {1e3 * r['wm_s_per_pair']:.1f} | {'-' if train is None else f'{1e3 * train:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -141,6 +163,7 @@ def main() -> None:
         )
         return
     rows = []
+    gflops_before = reference_gflops(args.threads)
     for case in cases(args.quick):
         cmd = [
             sys.executable,
@@ -158,9 +181,11 @@ def main() -> None:
         row = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)
+    gflops = (gflops_before, reference_gflops(args.threads))
     print(
         f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} thread(s), median of {args.repeats}\n"
+        f"{args.threads} thread(s), median of {args.repeats}; reference 1024^3 fp32 matmul: "
+        f"{gflops[0]:.0f} GFLOP/s before, {gflops[1]:.0f} after\n"
     )
     for tag in ("main", "width", "batch"):
         sel = [r for r in rows if r["tag"] == tag]
@@ -178,7 +203,9 @@ def main() -> None:
     if args.json:
         from deepalign.core.io import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(rows, indent=1))
+        atomic_write_text(
+            args.json, json.dumps({"reference_gflops": gflops, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":
