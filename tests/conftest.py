@@ -11,6 +11,9 @@ import torch
 
 from deepalign.cli.app import main
 
+# The suite's tensors are tiny: one thread avoids oversubscription on 2-core CI machines.
+torch.set_num_threads(1)
+
 
 class CliResult:
     def __init__(self, code: int, out: str, err: str) -> None:
