@@ -7,6 +7,18 @@ P(B)`` at a random ``lam`` per step on data batches (``loss="task"``, Peña's ``
 is the linear assignment of each ``S`` (the same as of the soft permutation: Sinkhorn's row and column
 scalings do not change which assignment is best). An ``init`` permutation starts the scores on it, so
 ``wm+sinkhorn`` and ``deepalign+sinkhorn`` refine those answers.
+
+:func:`sinkhorn_batch` solves N independent pairs in one run (every tensor has a leading N; the
+loss is the sum over pairs, so each pair's gradients are its own); the registered per-pair solver
+is its N = 1 case. Speed comes from three things: groups of equal size are one stacked score
+tensor, so one Sinkhorn call per size serves every group and every pair; the Sinkhorn iterations
+run on row and column scaling vectors with a hand-written backward (:func:`sinkhorn_matrices`,
+the same function as the unrolled log-domain loop); and the task loss is one vmapped forward of
+all merged networks (:func:`deepalign.core.functional.batched_forward`).
+
+Randomness: pair ``i``'s score noise and its ``lam`` draws come from its own generator (seeded by
+``pair_seeds[i]``); the data batches, shared by all pairs, come from a generator seeded by
+``seed``. A pair's answer is therefore the same alone or in a batch.
 """
 
 from __future__ import annotations
@@ -15,14 +27,15 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from deepalign.core import permutation as P
+from deepalign.core.functional import batched_forward
 from deepalign.core.permutation import Permutation, apply_soft
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
@@ -30,14 +43,88 @@ from deepalign.lmc.batches import labelled_batches
 from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
 from deepalign.solvers.objective import cost_keys
 from deepalign.solvers.registry import register
+from deepalign.zoo.seeds import derive_seed
 
 LOSSES = ("l2", "task")
+# Largest spread (max - min) of one score matrix that the scaling-vector Sinkhorn takes in each
+# compute dtype: beyond it exp(-spread) and the scalings could leave the dtype's range, and the
+# log-domain loop runs instead.
+SAFE_SPREAD = {torch.float64: 200.0, torch.float32: 30.0}
 
 
-def _hard(scores: dict[str, Tensor]) -> Permutation:
-    return {g: linear_assignment(s.detach()) for g, s in scores.items()}
+# -- Sinkhorn on scaling vectors -----------------------------------------------------------------
+class _ScaledSinkhorn(torch.autograd.Function):
+    """``exp(log_sinkhorn(x, iters))`` as ``diag(r) K diag(c)`` with ``K = exp(x - max x)``.
+
+    Log-domain Sinkhorn only ever adds a row vector and a column vector to ``x``, so it is the same
+    as updating the scalings ``c = 1 / K^T r`` (columns) and ``r = 1 / K c`` (rows): one
+    matrix-vector product per half-step instead of a log-sum-exp over the whole matrix. The
+    backward unrolls the same iterations by hand (matrix-vector products, then one matrix product
+    for the gradient of ``K``), so the gradient is that of the unrolled loop; only ``K`` and the
+    vectors are kept. Vectors are rows ``(..., 1, n)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, iters: int, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        n = x.shape[-1]
+        xd = x.detach().to(dtype).reshape(-1, n, n)  # bmm: the fastest product at every size here
+        k = (xd - xd.amax(dim=(-2, -1), keepdim=True)).exp()
+        kt = k.mT.contiguous()
+        r = torch.ones_like(k[:, :1, :])
+        rs, cs = [r], []
+        for _ in range(iters):
+            c = torch.bmm(r, k).reciprocal_()  # c_j = 1 / sum_i r_i K_ij
+            r = torch.bmm(c, kt).reciprocal_()  # r_i = 1 / sum_j K_ij c_j
+            cs.append(c)
+            rs.append(r)
+        ctx.save_for_backward(k, kt, torch.cat(rs, -2), torch.cat(cs, -2))
+        ctx.out_dtype = x.dtype
+        return (r.mT * k * c).to(x.dtype).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        k, kt, rs, cs = ctx.saved_tensors  # rs (B, T + 1, n), cs (B, T, n): rows per iteration
+        iters = cs.shape[-2]
+        g = grad.to(k.dtype).reshape(k.shape)
+        r2, c2 = rs.square().split(1, -2), cs.square().split(1, -2)
+        r, c = rs[:, -1:], cs[:, -1:]
+        h = g * k
+        dk = g * r.mT * c  # the output is r_i K_ij c_j
+        s = -torch.bmm(c, h.mT)  # minus the gradient of the last r
+        g_c = torch.bmm(r, h)  # the gradient of the last c
+        ss, qs = [], []
+        for t in range(iters - 1, -1, -1):
+            s = s * r2[t + 1]  # r_{t+1} = 1 / (c_t K^T): minus the gradient at its input
+            g_c = g_c + torch.bmm(s, k) if t == iters - 1 else torch.bmm(s, k)
+            q = g_c * c2[t]  # c_t = 1 / (r_t K): minus the gradient at its input
+            ss.append(s)
+            qs.append(q)
+            if t:
+                s = torch.bmm(q, kt)  # minus the gradient of r_t
+        # dL/dK gains sum_t (s_t^T c_t - r_t^T q_t), the inputs' outer products
+        left = torch.cat([*reversed(ss), rs[:, :iters]], -2)
+        right = torch.cat([cs, *(-q for q in reversed(qs))], -2)
+        dk = dk + torch.bmm(left.mT, right)
+        return (dk * k).to(ctx.out_dtype).reshape(grad.shape), None, None
 
 
+def sinkhorn_matrices(x: Tensor, iters: int = 20) -> Tensor:
+    """``log_sinkhorn(x, iters).exp()`` (batched over leading dims), computed on scaling vectors.
+
+    Same function and gradient as the unrolled log-domain loop, to rounding. Runs in float32 when
+    every matrix's spread of values (max - min) is at most ``SAFE_SPREAD[float32]``, else in
+    float64 (not on MPS), else falls back to the log-domain loop.
+    """
+    spread = float((x.detach().amax(dim=(-2, -1)) - x.detach().amin(dim=(-2, -1))).max())
+    if not math.isfinite(spread) or iters < 1:
+        return log_sinkhorn(x, iters).exp()
+    for dtype in (torch.float32, torch.float64):
+        if spread <= SAFE_SPREAD[dtype] and not (dtype == torch.float64 and x.device.type == "mps"):
+            return _ScaledSinkhorn.apply(x, iters, dtype)
+    return log_sinkhorn(x, iters).exp()
+
+
+# -- the solver ------------------------------------------------------------------------------------
 def _forever(data: Any, batch_size: int, gen: torch.Generator, device: torch.device) -> Iterator:
     for _ in itertools.count():
         got = False
@@ -46,6 +133,216 @@ def _forever(data: Any, batch_size: int, gen: torch.Generator, device: torch.dev
             yield batch
         if not got:
             raise DeepAlignError("sinkhorn: the data set is empty")
+
+
+def _buckets(spec: PermutationSpec) -> list[list[str]]:
+    """Group names by size, in the spec's order (one stacked score tensor per size)."""
+    by_size: dict[int, list[str]] = {}
+    for g, n in spec.groups.items():
+        by_size.setdefault(n, []).append(g)
+    return list(by_size.values())
+
+
+def _check_batch(
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    init: Mapping[str, Tensor] | None,
+    pair_seeds: Sequence[int] | None,
+) -> int:
+    spec.check(a, where="A", batch_dims=1)
+    spec.check(b, where="B", batch_dims=1)
+    sizes = {int(v.shape[0]) for v in a.values()} | {int(v.shape[0]) for v in b.values()}
+    if len(sizes) != 1:
+        raise DeepAlignError(f"sinkhorn: A and B must stack the same number of pairs, got {sizes}")
+    n = sizes.pop()
+    if init is not None:
+        if set(init) != set(spec.groups):
+            raise DeepAlignError(
+                f"init permutation groups {sorted(init)} do not match the architecture's "
+                f"{sorted(spec.groups)}"
+            )
+        for g, p in init.items():
+            if tuple(p.shape) != (n, spec.groups[g]) or not P.is_permutation(p):
+                raise DeepAlignError(
+                    f"init for group {g!r} must hold {n} permutations of {spec.groups[g]}"
+                )
+    if pair_seeds is not None and len(pair_seeds) != n:
+        raise DeepAlignError(f"sinkhorn: {len(pair_seeds)} pair seeds for {n} pairs")
+    return n
+
+
+def sinkhorn_batch(
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    *,
+    module: nn.Module | None = None,
+    data: Any = None,
+    init: Permutation | None = None,
+    seed: int = 0,
+    pair_seeds: Sequence[int] | None = None,
+    loss: str | None = None,
+    steps: int = 200,
+    lr: float = 0.1,
+    tau: float = 1.0,
+    sinkhorn_iters: int = 20,
+    batch_size: int = 128,
+    init_scale: float | None = None,
+    noise: float = 0.01,
+    trajectory_steps: Sequence[int] | None = None,
+) -> tuple[Permutation, dict[str, Any]]:
+    """Sinkhorn re-basin of N stacked pairs ``(a[i], b[i])`` at once; permutations come back ``(N, n)``.
+
+    ``init``: ``(N, n)`` permutations per group; ``seed`` seeds the data order shared by all pairs,
+    ``pair_seeds[i]`` (default ``seed + i``) pair i's score noise and ``lam`` draws, so a pair
+    gets the same answer alone as in a batch (with the same ``seed``). Options as in
+    :func:`sinkhorn_rebasin`. ``info``: ``iterations``, ``loss``, ``loss_history`` (one list of
+    per-step losses per pair), ``solver_seconds`` (the whole batch), ``pairs``, and with
+    ``trajectory_steps`` a ``trajectory`` of ``(step, perm)`` with ``(N, n)`` permutations.
+    """
+    loss = loss or ("task" if data is not None else "l2")
+    if loss not in LOSSES:
+        raise DeepAlignError(f"sinkhorn: unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
+    if loss == "task" and (data is None or module is None):
+        raise DeepAlignError(
+            "sinkhorn: loss 'task' needs data and the model's architecture; pass --data NAME"
+        )
+    if steps < 0 or tau <= 0 or lr <= 0 or sinkhorn_iters < 1:
+        raise DeepAlignError("sinkhorn: steps >= 0, tau > 0, lr > 0 and sinkhorn_iters >= 1 needed")
+    n_pairs = _check_batch(a, b, spec, init, pair_seeds)
+    seeds = [seed + i for i in range(n_pairs)] if pair_seeds is None else list(pair_seeds)
+    device = next(iter(a.values())).device
+    dtype = next(t for t in a.values() if t.is_floating_point()).dtype
+    buckets = _buckets(spec)
+
+    # per-pair randomness: score noise (group by group), then the lam of every step
+    noise_rows: list[dict[str, Tensor]] = []
+    lam_rows: list[Tensor] = []
+    for i, s in enumerate(seeds):
+        gen = torch.Generator().manual_seed(int(s))
+        row = {}
+        for g, n in spec.groups.items():
+            m = noise * torch.randn(n, n, generator=gen, dtype=torch.float32)
+            if init is not None:
+                scale = math.log(n) + 2 if init_scale is None else init_scale
+                m[torch.arange(n), init[g][i].cpu()] += scale
+            row[g] = m
+        noise_rows.append(row)
+        if loss == "task":
+            lam_rows.append(torch.rand(steps, generator=gen, dtype=torch.float64))
+    scores = [
+        torch.stack([torch.stack([r[g] for g in names]) for r in noise_rows])
+        .to(device)
+        .requires_grad_(True)
+        for names in buckets
+    ]  # one (N, groups, n, n) tensor per group size
+    del noise_rows
+    adam = _Adam(scores, lr)
+
+    def hard() -> Permutation:
+        out = {}
+        for names, s in zip(buckets, scores, strict=True):
+            p = linear_assignment(s.detach())
+            out.update({g: p[:, j].to(device) for j, g in enumerate(names)})
+        return out
+
+    want = sorted({int(s) for s in (trajectory_steps or ()) if 0 <= int(s) <= steps})
+    trajectory: list[tuple[int, Permutation]] = []
+    history: list[Tensor] = []
+    if loss == "l2":
+        keys = cost_keys(spec, a)
+        a_used, b_used = {k: a[k] for k in keys}, {k: b[k] for k in keys}
+    else:
+        a_used, b_used = dict(a), dict(b)
+        lams = torch.stack(lam_rows).to(device=device, dtype=dtype)  # (N, steps)
+        net = copy.deepcopy(module).to(device).eval()
+        data_gen = torch.Generator().manual_seed(derive_seed(seed, "sinkhorn-data"))
+        batches = _forever(data, batch_size, data_gen, device)
+    start = time.perf_counter()
+    for step in range(steps + 1):
+        if want and step == want[0]:
+            trajectory.append((step, hard()))
+            want.pop(0)
+        if step == steps:
+            break
+        mats: dict[str, Tensor] = {}
+        for names, s in zip(buckets, scores, strict=True):
+            m = sinkhorn_matrices(s / tau, sinkhorn_iters).to(dtype)
+            mats.update({g: m[:, j] for j, g in enumerate(names)})
+        soft = apply_soft(spec, mats, b_used, batch_dims=1)
+        if loss == "l2":
+            per_pair = sum(((a_used[k] - soft[k]) ** 2).reshape(n_pairs, -1).sum(1) for k in a_used)
+        else:
+            x, y = next(batches)
+            if y is None:
+                raise DeepAlignError("sinkhorn: loss 'task' needs labelled data")
+            lam = lams[:, step]
+            merged = {
+                k: (1 - _per_pair(lam, v)) * v + _per_pair(lam, v) * soft[k]
+                if v.is_floating_point()
+                else v
+                for k, v in a_used.items()
+            }
+            out = batched_forward(net, merged, x)
+            ce = F.cross_entropy(out.flatten(0, 1), y.repeat(n_pairs), reduction="none")
+            per_pair = ce.reshape(n_pairs, -1).mean(1)
+        adam.step(torch.autograd.grad(per_pair.sum(), scores))
+        history.append(per_pair.detach())
+    perm = hard()
+    hist = torch.stack(history, 1).cpu() if history else torch.zeros(n_pairs, 0)
+    info: dict[str, Any] = {
+        "iterations": steps,
+        "loss": loss,
+        "loss_history": hist.tolist(),
+        "solver_seconds": time.perf_counter() - start,
+        "pairs": n_pairs,
+    }
+    if trajectory_steps is not None:
+        info["trajectory"] = trajectory
+    return perm, info
+
+
+class _Adam:
+    """Adam (PyTorch's defaults, no weight decay) updating ``params`` in place.
+
+    The same update as ``torch.optim.Adam``, without its per-step bookkeeping (which costs more
+    than the update on these small tensors).
+    """
+
+    def __init__(
+        self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)
+    ) -> None:
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, 1e-8, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[Tensor]) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        size = self.lr / (1 - b1**self.t)
+        root = (1 - b2**self.t) ** 0.5
+        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / root).add_(self.eps), value=-size)
+
+
+def _per_pair(lam: Tensor, like: Tensor) -> Tensor:
+    """``lam`` (N,) shaped to broadcast against a stacked tensor ``like`` (N, ...)."""
+    return lam.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def pair_info(info: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Pair ``i``'s part of a :func:`sinkhorn_batch` info, shaped as the per-pair solver's info."""
+    out = {k: v for k, v in info.items() if k not in ("loss_history", "trajectory", "pairs")}
+    out["loss_history"] = list(info["loss_history"][i])
+    if "trajectory" in info:
+        out["trajectory"] = [
+            (s, {g: p[i] for g, p in perm.items()}) for s, perm in info["trajectory"]
+        ]
+    return out
 
 
 @register("sinkhorn", needs_data=False, uses_data=True)
@@ -74,70 +371,26 @@ def sinkhorn_rebasin(
     enough for the soft permutation to sit mostly on them; without ``init`` the scores start near
     uniform (seeded noise of size ``noise``). ``trajectory_steps`` lists steps (0 = before any
     update) at which the hard permutation is recorded in ``info["trajectory"]`` as ``(step, perm)``.
-    ``info["loss_history"]`` has the loss of every step.
+    ``info["loss_history"]`` has the loss of every step. The same as :func:`sinkhorn_batch` on the
+    one pair with ``pair_seeds=[seed]``.
     """
-    loss = loss or ("task" if data is not None else "l2")
-    if loss not in LOSSES:
-        raise DeepAlignError(f"sinkhorn: unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
-    if loss == "task" and (data is None or module is None):
-        raise DeepAlignError(
-            "sinkhorn: loss 'task' needs data and the model's architecture; pass --data NAME"
-        )
-    if steps < 0 or tau <= 0 or lr <= 0 or sinkhorn_iters < 1:
-        raise DeepAlignError("sinkhorn: steps >= 0, tau > 0, lr > 0 and sinkhorn_iters >= 1 needed")
-    device = next(iter(a.values())).device
-    dtype = next(t for t in a.values() if t.is_floating_point()).dtype
-    gen = torch.Generator().manual_seed(seed)
-    scores: dict[str, Tensor] = {}
-    for g, n in spec.groups.items():
-        s = noise * torch.randn(n, n, generator=gen, dtype=torch.float32)
-        if init is not None:
-            scale = math.log(n) + 2 if init_scale is None else init_scale
-            s[torch.arange(n), init[g].cpu()] += scale
-        scores[g] = s.to(device).requires_grad_(True)
-    opt = torch.optim.Adam(scores.values(), lr=lr)
-    keys = cost_keys(spec, a)
-    want = sorted({int(s) for s in (trajectory_steps or ()) if 0 <= int(s) <= steps})
-    trajectory: list[tuple[int, Permutation]] = []
-    history: list[float] = []
-    batches = _forever(data, batch_size, gen, device) if loss == "task" else None
-    net = (
-        copy.deepcopy(module).to(device).eval() if (loss == "task" and module is not None) else None
+    perm, info = sinkhorn_batch(
+        {k: v.unsqueeze(0) for k, v in a.items()},
+        {k: v.unsqueeze(0) for k, v in b.items()},
+        spec,
+        module=module,
+        data=data,
+        init=None if init is None else {g: p.unsqueeze(0) for g, p in init.items()},
+        seed=seed,
+        pair_seeds=[seed],
+        loss=loss,
+        steps=steps,
+        lr=lr,
+        tau=tau,
+        sinkhorn_iters=sinkhorn_iters,
+        batch_size=batch_size,
+        init_scale=init_scale,
+        noise=noise,
+        trajectory_steps=trajectory_steps,
     )
-    start = time.perf_counter()
-    for step in range(steps + 1):
-        if want and step == want[0]:
-            trajectory.append((step, _hard(scores)))
-            want.pop(0)
-        if step == steps:
-            break
-        mats = {g: log_sinkhorn(s / tau, sinkhorn_iters).exp().to(dtype) for g, s in scores.items()}
-        if loss == "l2":
-            soft = apply_soft(spec, mats, {k: b[k] for k in keys})
-            value = sum(((a[k] - soft[k]) ** 2).sum() for k in keys)
-        else:
-            assert batches is not None and net is not None
-            x, y = next(batches)
-            if y is None:
-                raise DeepAlignError("sinkhorn: loss 'task' needs labelled data")
-            lam = float(torch.rand((), generator=gen))
-            soft = apply_soft(spec, mats, b)
-            merged = {
-                k: (1 - lam) * v + lam * soft[k] if v.is_floating_point() else v
-                for k, v in a.items()
-            }
-            value = F.cross_entropy(functional_call(net, merged, (x,)), y)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        history.append(float(value.detach()))
-    perm = {g: p.to(device) for g, p in _hard(scores).items()}
-    info: dict[str, Any] = {
-        "iterations": steps,
-        "loss": loss,
-        "loss_history": history,
-        "solver_seconds": time.perf_counter() - start,
-    }
-    if trajectory_steps is not None:
-        info["trajectory"] = trajectory
-    return perm, info
+    return {g: p[0] for g, p in perm.items()}, pair_info(info, 0)
