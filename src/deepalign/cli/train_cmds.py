@@ -64,7 +64,7 @@ def train(
     steps: int | None = typer.Option(
         None, "--steps", min=1, help="Steps per epoch (default: train networks / batch)."
     ),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    lr: float = typer.Option(3e-3, "--lr", help="AdamW learning rate."),
     size: str = typer.Option("cpu", "--size", help="Model size: tiny, cpu or paper."),
     w_sup: float = typer.Option(1.0, "--w-supervised", help="Weight of the supervised loss."),
     w_align: float = typer.Option(1.0, "--w-alignment", help="Weight of the L2 alignment loss."),

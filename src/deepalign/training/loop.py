@@ -33,7 +33,7 @@ class TrainConfig:
     epochs: int = 30
     batch: int = 32
     steps_per_epoch: int | None = None  # default: len(train split) // batch
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 5e-4
     grad_clip: float = 1.0
     w_supervised: float = 1.0
