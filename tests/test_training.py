@@ -172,3 +172,18 @@ def test_cli_train_and_align_with_the_aligner(zoo, tmp_path, cli):
         tmp_path / "d.safetensors",
     )
     assert res.code == 2 and "aligner" in res.err and not (tmp_path / "d.safetensors").exists()
+
+
+def test_inr_zoo_trains_on_two_views_of_one_target(tmp_path):
+    path = tmp_path / "sine"
+    build_zoo(make_plan("siren-sine", 24, seed=0, hidden=[8, 8], epochs=20, views=2), path)
+    out = tmp_path / "al"
+    train_aligner(path, out, TINY, _cfg(1))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["val_barrier"] >= 0 and rows[0]["train"]["lmc"] > 0
+    model = load_pretrained(out)
+    z = Zoo(path)
+    a = z.load(z.indices("test")[:2])
+    t = P.random_permutation(z.spec, seed=1, batch=2)
+    perm = model.align(a, P.apply(z.spec, t, a, batch_dims=1))
+    assert all(torch.equal(perm[g], P.invert(t)[g]) for g in perm)

@@ -31,7 +31,7 @@ def gaussian_noise(state: Mapping[str, Tensor], sigma: float, g: torch.Generator
     for k, t in state.items():
         if sigma <= 0 or not _is_weight(k, t):
             continue
-        std = t.flatten(1).std(dim=1).view(-1, *([1] * (t.dim() - 1)))
+        std = t.flatten(1).std(dim=1, correction=0).view(-1, *([1] * (t.dim() - 1)))
         noise = torch.randn(t.shape, generator=g).to(t)
         out[k] = t + sigma * std * noise
     return out

@@ -24,6 +24,7 @@ from deepalign.core.io import atomic_path, atomic_write_text
 from deepalign.errors import DeepAlignError
 from deepalign.training.augment import Augment
 from deepalign.training.losses import alignment_loss, lmc_loss, supervised_loss
+from deepalign.training.tasks import PairTask
 
 
 @dataclass
@@ -81,8 +82,7 @@ def train_epoch(
     spec,
     module,
     train_states: dict[str, Tensor],
-    data_x: Tensor,
-    data_y: Tensor,
+    task: PairTask,
     cfg: TrainConfig,
     epoch: int,
     device: torch.device,
@@ -99,7 +99,7 @@ def train_epoch(
     model.train()
     for step in range(steps):
         idx = order[(torch.arange(cfg.batch) + step * cfg.batch) % n_train]
-        other = (idx + 1 + torch.randint(0, n_train - 1, (cfg.batch,), generator=g)) % n_train
+        other = task.partner(idx, g)
         a = {k: v[idx].to(device) for k, v in train_states.items()}
         b = {k: v[other].to(device) for k, v in train_states.items()}
         t = P.random_permutation(spec, generator=g, batch=cfg.batch)
@@ -114,9 +114,8 @@ def train_epoch(
         if cfg.w_alignment:
             terms["alignment"] = alignment_loss(spec, a, b, soft)
         if cfg.w_lmc:
-            pick = torch.randint(0, data_x.shape[0], (cfg.data_batch,), generator=g)
-            x, y = data_x[pick].to(device), data_y[pick].to(device)
-            terms["lmc"] = lmc_loss(spec, module, a, b, soft, x, y, g)
+            x, y, criterion = task.batch(idx, g, device)
+            terms["lmc"] = lmc_loss(spec, module, a, b, soft, x, y, g, criterion)
         weights = {"supervised": cfg.w_supervised, "alignment": cfg.w_alignment, "lmc": cfg.w_lmc}
         loss = sum(weights[k] * v for k, v in terms.items())
         if not torch.isfinite(loss):

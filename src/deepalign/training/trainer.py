@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from deepalign.core import permutation as P
+from deepalign.core.functional import batched_forward
 from deepalign.core.weight_space import WeightSpaceLayout
 from deepalign.errors import DeepAlignError
 from deepalign.lmc.curves import lmc_curves
+from deepalign.lmc.metrics import barrier
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
 from deepalign.nn.pretrained import save_pretrained
 from deepalign.training.augment import Augment
@@ -31,18 +33,18 @@ from deepalign.training.loop import (
     train_epoch,
     write_metrics,
 )
+from deepalign.training.losses import interpolate
+from deepalign.training.tasks import PairTask, pair_task
 from deepalign.zoo.loader import Zoo
 
 STATE_FILE = "train_state.pt"
 
 
-def _pairs(indices: list[int], n: int, seed: int) -> tuple[list[int], list[int]]:
-    """``n`` fixed pairs of distinct networks from ``indices``."""
+def _pairs(task: PairTask, n: int, seed: int) -> tuple[list[int], list[int]]:
+    """``n`` fixed validation pairs (positions in ``task.indices``) under the task's pairing rule."""
     g = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, len(indices), (n,), generator=g)
-    shift = 1 + torch.randint(0, len(indices) - 1, (n,), generator=g)
-    second = (first + shift) % len(indices)
-    return [indices[i] for i in first.tolist()], [indices[i] for i in second.tolist()]
+    first = torch.randint(0, len(task.indices), (n,), generator=g)
+    return first.tolist(), task.partner(first, g).tolist()
 
 
 @torch.no_grad()
@@ -70,13 +72,34 @@ def validate(
     a, b = val
     perm = model.align(a, b)
     aligned = P.apply(spec, perm, b, batch_dims=1)
-    curves = lmc_curves(zoo.module(), a, aligned, data, points=cfg.val_points)
+    if isinstance(data, tuple):  # INRs: MSE to the shared target (two views of one target)
+        coords, target = (t.to(device) for t in data)
+        lambdas = torch.linspace(0, 1, cfg.val_points, dtype=torch.float64)
+        losses = []
+        for lam in lambdas.tolist():
+            merged = interpolate(a, aligned, torch.full((target.shape[0],), lam))
+            out = batched_forward(zoo.module().to(device), merged, coords)
+            losses.append(((out - target) ** 2).flatten(1).mean(1).double().cpu())
+        loss = torch.stack(losses, dim=1)
+        curves = {"loss": loss, "barrier": barrier(lambdas, loss)}
+    else:
+        curves = lmc_curves(zoo.module(), a, aligned, data, points=cfg.val_points)
     mid = curves["loss"][:, curves["loss"].shape[1] // 2]
     return {
         "val_barrier": float(torch.as_tensor(curves["barrier"]).mean()),
         "val_loss_mid": float(mid.mean()),
         "val_perm_accuracy": planted_accuracy(model, spec, a, Augment(**cfg.augment), cfg.seed + 7),
     }
+
+
+def _positively_homogeneous(module: torch.nn.Module) -> bool:
+    """True when every activation satisfies ``f(s x) = s f(x)`` for ``s > 0`` (ReLU, LeakyReLU)."""
+    from torch import nn
+
+    from deepalign.core.layers import Sine
+
+    bad = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, Sine)
+    return not any(isinstance(m, bad) for m in module.modules())
 
 
 def train_aligner(
@@ -95,13 +118,14 @@ def train_aligner(
     device = torch.device(device)
     out = Path(out)
     zoo = Zoo(zoo_path)
-    if zoo.kind != "classifier":
-        raise DeepAlignError(
-            f"{zoo_path}: training on {zoo.task} zoos is not supported yet (classifier zoos only)"
-        )
-    train_idx, val_idx = zoo.indices("train"), zoo.indices("val")
-    if len(train_idx) < 2 or len(val_idx) < 2:
+    if len(zoo.indices("train")) < 2 or len(zoo.indices("val")) < 2:
         raise DeepAlignError(f"{zoo_path}: needs at least 2 train and 2 val networks")
+    task = pair_task(zoo, "train", cfg.data_batch)
+    val_task = pair_task(zoo, "val", cfg.data_batch)
+    train_idx = task.indices
+    if cfg.augment.get("scaling", 0) and not _positively_homogeneous(zoo.module()):
+        # Rescaling neurons keeps the function only for ReLU-like activations (not SIREN's sine).
+        cfg = replace(cfg, augment={**cfg.augment, "scaling": 0.0})
     state_path = out / STATE_FILE
     settings = {  # what must not change across --resume (the epoch count may grow)
         "train": {k: v for k, v in asdict(cfg).items() if k != "epochs"},
@@ -131,11 +155,17 @@ def train_aligner(
         start, best = int(saved["epoch"]) + 1, float(saved["best"])
         history = json.loads(saved["history"])
     train_states = zoo.load(train_idx)
-    data = zoo.dataset("train")
-    data_x, data_y = data.x, data.y
-    val_a, val_b = _pairs(val_idx, min(cfg.val_pairs, 4 * len(val_idx)), cfg.seed + 1)
-    val = (zoo.load(val_a, device), zoo.load(val_b, device))
-    val_data = data.subset(min(512, len(data)), seed=cfg.seed)
+    val_pos_a, val_pos_b = _pairs(
+        val_task, min(cfg.val_pairs, 4 * len(val_task.indices)), cfg.seed + 1
+    )
+    val = (
+        zoo.load([val_task.indices[p] for p in val_pos_a], device),
+        zoo.load([val_task.indices[p] for p in val_pos_b], device),
+    )
+    if val_task.inr:
+        val_data = (val_task.x, val_task.y[val_pos_a])
+    else:
+        val_data = zoo.dataset("train").subset(min(512, len(zoo.dataset("train"))), seed=cfg.seed)
     info = {
         "zoo": str(zoo_path),
         "task": zoo.task,
@@ -149,8 +179,7 @@ def train_aligner(
             layout.spec,
             zoo.module().to(device),
             train_states,
-            data_x,
-            data_y,
+            task,
             cfg,
             epoch,
             device,
