@@ -52,7 +52,10 @@ def test_soft_matches_hard(net):
     soft = da.apply_soft(spec, P.to_matrices(p), sd)
     for k in sd:
         torch.testing.assert_close(hard[k], soft[k])
-    assert all(torch.equal(a, b) for a, b in zip(P.from_matrices(P.to_matrices(p)).values(), p.values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(P.from_matrices(P.to_matrices(p)).values(), p.values(), strict=True)
+    )
 
 
 def test_batched_apply_matches_per_item(net):
