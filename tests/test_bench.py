@@ -85,7 +85,12 @@ def test_bench_writes_all_four_outputs_with_their_keys(bench):
     assert timing["deepalign"] == timing["identity"] == "batched (amortised)"
     assert timing["deepalign+sinkhorn"].startswith("batched") and timing["wm"] == "per pair"
     # the Fig. 4 data: one barrier per recorded Sinkhorn step, for each start
-    assert set(stored["sinkhorn_init"]) == {"sinkhorn", "wm+sinkhorn", "deepalign+sinkhorn"}
+    assert set(stored["sinkhorn_init"]) == {
+        "sinkhorn",
+        "wm+sinkhorn",
+        "deepalign+sinkhorn",
+        "identity+sinkhorn",  # the identity start, traced only (not a table row)
+    }
     for t in stored["sinkhorn_init"].values():
         assert t["steps"][0] == 0 and t["steps"][-1] == 3
         assert len(t["barrier_mean"]) == len(t["steps"]) and t["pairs"] == 2 * 2
@@ -100,6 +105,26 @@ def test_bench_writes_all_four_outputs_with_their_keys(bench):
 
         img = matplotlib.image.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_sinkhorn_starts_are_their_first_stages_answers(bench):
+    """Step 0 of each Sinkhorn start is its start's answer: the identity start's barrier there is
+    the naive barrier, and a chain's is its first method's, on the same traced pairs."""
+    _, result = bench
+    traced = result["settings"]["trajectory_pairs"]
+    for method, first in [
+        ("identity+sinkhorn", "identity"),
+        ("wm+sinkhorn", "wm"),
+        ("deepalign+sinkhorn", "deepalign"),
+    ]:
+        rows = [r for r in result["methods"][first]["pairs"] if r["pos"] < traced]
+        t = result["sinkhorn_init"][method]
+        assert t["steps"][0] == 0
+        assert t["barrier_mean"][0] == pytest.approx(
+            sum(r["barrier"] for r in rows) / len(rows), rel=1e-5, abs=1e-6
+        )
+    assert result["sinkhorn_init"]["identity+sinkhorn"]["start"] == "identity"
+    assert result["sinkhorn_init"]["sinkhorn"]["start"] == "none"
 
 
 def test_pairs_are_distinct_test_networks_and_seeds_redraw_them(bench, zoo):

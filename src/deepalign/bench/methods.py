@@ -1,15 +1,17 @@
 """Run one alignment method on N stacked pairs: batched where the method allows, else pair by pair.
 
-``identity`` and ``deepalign`` align all pairs in one call (Deep-Align: one forward pass per chunk
-of pairs) and report the amortised time per pair. A chain that starts with one of them
-(``deepalign+wm``, ``deepalign+sinkhorn``) reuses that batched answer as the ``init`` of the rest of
-the chain, solved pair by pair through the solver registry; its time per pair is the amortised
-batched time plus the pair's own solver time. Every other method goes through
-:func:`deepalign.solvers.registry.align` pair by pair.
+A method is split into up to three stages. A batched head (``identity``, ``deepalign``: all pairs
+in one call, Deep-Align one forward pass per chunk of pairs); a middle solved pair by pair through
+:func:`deepalign.solvers.registry.align` (``wm``, ``am``, ...); and a Sinkhorn tail solved
+:data:`SINKHORN_CHUNK` pairs at a time by :func:`deepalign.solvers.sinkhorn.sinkhorn_batch` (each
+pair with its own seed; the data order is shared within a chunk). Each stage starts from the
+previous stage's answer. A pair's time is the sum of its stages' times: a batched stage counts the
+amortised time (the call's seconds over its pairs), a per-pair stage the pair's own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,10 +24,14 @@ from deepalign.core import permutation as P
 from deepalign.core.functional import unstack_state
 from deepalign.core.permutation import Permutation
 from deepalign.core.spec import PermutationSpec
+from deepalign.errors import DeepAlignError
 from deepalign.solvers.registry import align, resolve
+from deepalign.solvers.sinkhorn import sinkhorn_batch
 
 BATCHED = ("identity", "deepalign")
 ALIGNER_CHUNK = 64  # pairs per Deep-Align forward pass (bounds memory on wide networks)
+SINKHORN_CHUNK = 32  # pairs per batched Sinkhorn run
+BATCHED_KIND, PER_PAIR_KIND = "batched (amortised)", "per pair"
 
 
 @dataclass
@@ -34,8 +40,8 @@ class MethodRun:
 
     perm: Permutation
     seconds: list[float]
-    timing: str  # "per pair", "batched (amortised)", "batched (amortised) + per pair"
-    batched_seconds: float = 0.0  # the amortised part of each pair's time
+    timing: str  # each stage's kind joined by " + ", e.g. "per pair + batched (amortised)"
+    first_seconds: float = 0.0  # a chain's first stage: mean seconds per pair (0: one stage)
     trajectories: list[list[tuple[int, Permutation]]] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
 
@@ -51,6 +57,7 @@ class Context:
     options: Mapping[str, Mapping[str, Any]]  # per method name (as listed), extra solver options
     sinkhorn: Mapping[str, Any]  # options every sinkhorn part gets (steps, trajectory_steps, ...)
     trajectory_pairs: int = 0
+    sinkhorn_chunk: int = SINKHORN_CHUNK  # pairs per batched Sinkhorn run (0: pair by pair)
 
 
 def split_chain(method: str) -> tuple[str, str]:
@@ -80,14 +87,38 @@ def _batched(
     }
 
 
+def split_tail(rest: str, ctx: Context) -> tuple[str, str]:
+    """``("wm", "sinkhorn")`` for ``wm+sinkhorn``: a final Sinkhorn runs batched (when chunks are on)."""
+    parts = [p.strip() for p in rest.split("+")] if rest else []
+    if parts and parts[-1] == "sinkhorn" and ctx.sinkhorn_chunk > 0:
+        return "+".join(parts[:-1]), "sinkhorn"
+    return rest, ""
+
+
 def warm_up(method: str, a: Mapping[str, Tensor], b: Mapping[str, Tensor], ctx: Context) -> None:
     """One untimed batched call on a single pair, so lazy initialisation is not timed."""
-    head, _ = split_chain(method)
+    head, rest = split_chain(method)
+    one_a, one_b = {k: v[:1] for k, v in a.items()}, {k: v[:1] for k, v in b.items()}
     if head == "deepalign":
-        _batched(head, {k: v[:1] for k, v in a.items()}, {k: v[:1] for k, v in b.items()}, ctx)
+        _batched(head, one_a, one_b, ctx)
+    if split_tail(rest, ctx)[1]:
+        opts = _solver_options("sinkhorn", method, ctx, with_trajectory=False)
+        _sinkhorn_chunk(one_a, one_b, ctx, [0], None, {**opts, "steps": 1})
+
+
+def _check_options(rest: str, method: str, ctx: Context) -> None:
+    """The user's options for ``method`` must suit some part of its solved chain ``rest``."""
+    user = set(ctx.options.get(method, {}))
+    parts = resolve(rest)
+    if user and all(m.options is not None for m in parts):
+        unknown = sorted(user - set().union(*[set(m.options or ()) for m in parts]))
+        if unknown:
+            raise DeepAlignError(f"method {method!r}: unknown option(s) {', '.join(unknown)}")
 
 
 def _solver_options(chain: str, method: str, ctx: Context, with_trajectory: bool) -> dict[str, Any]:
+    """The options ``chain`` (a stage of ``method``) gets: the bench's Sinkhorn settings, the
+    aligner, and the user's options for ``method``, each only where a part of ``chain`` takes it."""
     parts = resolve(chain)
     names = [m.name for m in parts]
     opts: dict[str, Any] = {}
@@ -100,8 +131,7 @@ def _solver_options(chain: str, method: str, ctx: Context, with_trajectory: bool
     opts.update(ctx.options.get(method, {}))
     if all(m.options is not None for m in parts):
         accepted = set().union(*[set(m.options or ()) for m in parts])
-        user = set(ctx.options.get(method, {}))
-        opts = {k: v for k, v in opts.items() if k in accepted or k in user}
+        opts = {k: v for k, v in opts.items() if k in accepted}
     return opts
 
 
@@ -114,6 +144,113 @@ def _trajectory(info: Mapping[str, Any]) -> list[tuple[int, Permutation]] | None
     return None
 
 
+def _sinkhorn_chunk(
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    ctx: Context,
+    seeds: list[int],
+    init: Permutation | None,
+    opts: Mapping[str, Any],
+) -> tuple[Permutation, dict[str, Any]]:
+    """One batched Sinkhorn run; its data order is seeded by its first pair's seed."""
+    return sinkhorn_batch(
+        a,
+        b,
+        ctx.spec,
+        module=ctx.module,
+        data=ctx.solver_data,
+        init=init,
+        seed=seeds[0],
+        pair_seeds=seeds,
+        **opts,
+    )
+
+
+@dataclass
+class _Stage:
+    """One stage's answer for all pairs."""
+
+    perm: Permutation
+    seconds: list[float]
+    iterations: list[int]
+    trajectories: list[list[tuple[int, Permutation]]]
+
+
+def _per_pair_stage(
+    chain: str,
+    method: str,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    ctx: Context,
+    seeds: list[int],
+    init: Permutation | None,
+    tell: Callable[[int], None],
+) -> _Stage:
+    uses_data = any(m.uses_data for m in resolve(chain))
+    n = next(iter(a.values())).shape[0]
+    out = _Stage({}, [], [], [])
+    perms: list[Permutation] = []
+    for i in range(n):
+        with_traj = i < ctx.trajectory_pairs
+        perm, info = align(
+            unstack_state(a, i),
+            unstack_state(b, i),
+            ctx.spec,
+            chain,
+            module=ctx.module,
+            data=ctx.solver_data if uses_data else None,
+            init=None if init is None else {g: p[i] for g, p in init.items()},
+            seed=seeds[i],
+            **_solver_options(chain, method, ctx, with_traj),
+        )
+        perms.append(perm)
+        out.seconds.append(float(info["seconds"]))
+        out.iterations.append(int(info.get("iterations", 0)))
+        traj = _trajectory(info) if with_traj else None
+        if traj is not None:
+            out.trajectories.append(traj)
+        tell(i + 1)
+    out.perm = {g: torch.stack([p[g] for p in perms]) for g in perms[0]}
+    return out
+
+
+def _sinkhorn_stage(
+    method: str,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    ctx: Context,
+    seeds: list[int],
+    init: Permutation | None,
+    tell: Callable[[int], None],
+) -> _Stage:
+    n = next(iter(a.values())).shape[0]
+    out = _Stage({}, [], [], [])
+    chunks: list[Permutation] = []
+    for s in range(0, n, ctx.sinkhorn_chunk):
+        e = min(n, s + ctx.sinkhorn_chunk)
+        traced = max(0, min(e, ctx.trajectory_pairs) - s)
+        opts = _solver_options("sinkhorn", method, ctx, with_trajectory=traced > 0)
+        start = time.perf_counter()
+        perm, info = _sinkhorn_chunk(
+            {k: v[s:e] for k, v in a.items()},
+            {k: v[s:e] for k, v in b.items()},
+            ctx,
+            seeds[s:e],
+            None if init is None else {g: p[s:e] for g, p in init.items()},
+            opts,
+        )
+        out.seconds += [(time.perf_counter() - start) / (e - s)] * (e - s)
+        out.iterations += [int(info["iterations"])] * (e - s)
+        for i in range(traced):
+            out.trajectories.append(
+                [(step, {g: p[i] for g, p in pm.items()}) for step, pm in info["trajectory"]]
+            )
+        chunks.append(perm)
+        tell(e)
+    out.perm = {g: torch.cat([c[g] for c in chunks]) for g in chunks[0]}
+    return out
+
+
 def run_method(
     method: str,
     a: Mapping[str, Tensor],
@@ -124,47 +261,65 @@ def run_method(
 ) -> MethodRun:
     """Align every stacked pair ``(a[i], b[i])`` with ``method``; ``seeds[i]`` seeds pair i's solver.
 
-    Errors propagate (the caller records them); ``on_pair(done)`` is called as pairs finish.
+    Errors propagate (the caller records them); ``on_pair(done)`` is called as pairs finish (a
+    chain of several stages reports each stage's share of the pairs).
     """
     n = next(iter(a.values())).shape[0]
     head, rest = split_chain(method)
+    middle, tail = split_tail(rest, ctx)
+    if rest:
+        _check_options(rest, method, ctx)
+    n_stages = sum(bool(x) for x in (head, middle, tail))
+    kinds: list[str] = []
+    stage_seconds: list[list[float]] = []
+    iterations = [0] * n
+    trajectories: list[list[tuple[int, Permutation]]] = []
     init: Permutation | None = None
-    amortised = 0.0
+
+    def teller(stage: int) -> Callable[[int], None]:
+        def tell(done: int) -> None:
+            if on_pair is not None:
+                on_pair((stage * n + done) // n_stages)
+
+        return tell
+
     if head:
         start = time.perf_counter()
         init = _batched(head, a, b, ctx)
-        amortised = (time.perf_counter() - start) / n
-        if not rest:
-            if on_pair is not None:
-                on_pair(n)
-            return MethodRun(
-                init, [amortised] * n, "batched (amortised)", amortised, iterations=[1] * n
-            )
-    uses_data = any(m.uses_data for m in resolve(rest))
-    perms: list[Permutation] = []
-    seconds: list[float] = []
-    run = MethodRun({}, [], "per pair" if not head else "batched (amortised) + per pair", amortised)
-    for i in range(n):
-        with_traj = i < ctx.trajectory_pairs
-        perm, info = align(
-            unstack_state(a, i),
-            unstack_state(b, i),
-            ctx.spec,
-            rest,
-            module=ctx.module,
-            data=ctx.solver_data if uses_data else None,
-            init=None if init is None else {g: p[i] for g, p in init.items()},
-            seed=seeds[i],
-            **_solver_options(rest, method, ctx, with_traj),
-        )
-        perms.append(perm)
-        seconds.append(amortised + float(info["seconds"]))
-        run.iterations.append(int(info.get("iterations", 0)))
-        traj = _trajectory(info) if with_traj else None
-        if traj is not None:
-            run.trajectories.append(traj)
-        if on_pair is not None:
-            on_pair(i + 1)
-    run.perm = {g: torch.stack([p[g] for p in perms]) for g in perms[0]}
-    run.seconds = seconds
-    return run
+        stage_seconds.append([(time.perf_counter() - start) / n] * n)
+        kinds.append(BATCHED_KIND)
+        teller(0)(n)
+    for chain, batched in ((middle, False), (tail, True)):
+        if not chain:
+            continue
+        tell = teller(len(kinds))
+        if batched:
+            stage = _sinkhorn_stage(method, a, b, ctx, seeds, init, tell)
+        else:
+            stage = _per_pair_stage(chain, method, a, b, ctx, seeds, init, tell)
+        init = stage.perm
+        stage_seconds.append(stage.seconds)
+        kinds.append(BATCHED_KIND if batched else PER_PAIR_KIND)
+        iterations = [i + j for i, j in zip(iterations, stage.iterations, strict=True)]
+        trajectories = stage.trajectories  # the last solver's trajectory (Sinkhorn's)
+    assert init is not None
+    seconds = [sum(col) for col in zip(*stage_seconds, strict=True)]
+    first = sum(stage_seconds[0]) / n if len(stage_seconds) > 1 else 0.0
+    if head and not rest:
+        iterations = [1] * n
+    return MethodRun(init, seconds, " + ".join(kinds), first, trajectories, iterations)
+
+
+def identity_start(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], ctx: Context, seeds: list[int]
+) -> list[list[tuple[int, Permutation]]]:
+    """Sinkhorn started from the identity on the first ``ctx.trajectory_pairs`` pairs, with the
+    ``sinkhorn`` method's options and the same pair seeds: its trajectories (for the start plot)."""
+    t = min(ctx.trajectory_pairs, next(iter(a.values())).shape[0])
+    if t == 0:
+        return []
+    method = "identity+sinkhorn"
+    ctx = dataclasses.replace(ctx, options={method: dict(ctx.options.get("sinkhorn", {}))})
+    part_a = {k: v[:t] for k, v in a.items()}
+    part_b = {k: v[:t] for k, v in b.items()}
+    return run_method(method, part_a, part_b, ctx, seeds[:t]).trajectories

@@ -1,8 +1,9 @@
 """The bench's two figures: mean LMC curves of every method, and barrier vs Sinkhorn iterations.
 
 ``sinkhorn_init.png`` is the paper's Fig. 4 claim in our setting: Sinkhorn started from the
-Deep-Align answer reaches a low barrier in fewer iterations than from scratch or from WM. Methods
-that do not iterate (naive, WM, AM, Deep-Align) are drawn as horizontal reference lines.
+Deep-Align answer reaches a low barrier in fewer iterations than from the identity, from scratch
+(near-uniform scores) or from WM. Methods that do not iterate (naive, WM, AM, Deep-Align) are drawn
+as horizontal reference lines.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def plot_sinkhorn_init(path: str | os.PathLike, result: Mapping[str, Any]) -> No
     for m, t in traj.items():
         steps = t["steps"]
         mean, std = t["barrier_mean"], t["barrier_std"]
-        name = methods[m]["label"] if m in methods else m
-        c = colour.get(m)
+        name = t.get("label") or (methods[m]["label"] if m in methods else m)
+        c = colour.setdefault(m, f"C{len(colour) % 10}")
         ax.plot(
             steps,
             mean,

@@ -46,12 +46,12 @@ def _time(entry: Mapping[str, Any], compact: bool) -> str:
     sec = entry["summary"]["seconds"]["mean"]
     timing = entry.get("timing", "per pair")
     text = f"{sec:.2g}" if compact else f"{sec:.3g}"
-    if timing == "batched (amortised)" or (compact and timing.startswith("batched")):
-        return f"{text} ᵇ"
-    if timing.startswith("batched"):
-        first = sum(entry["batched_seconds_per_pair"]) / len(entry["batched_seconds_per_pair"])
-        return f"{text} ᵇ ({first:.2g} + {sec - first:.3g})"
-    return text
+    mark = " ᵇ" if "batched" in timing else ""
+    firsts = entry.get("first_stage_seconds_per_pair") or entry.get("batched_seconds_per_pair")
+    if compact or " + " not in timing or not firsts:
+        return f"{text}{mark}"
+    first = sum(firsts) / len(firsts)
+    return f"{text}{mark} ({first:.2g} + {sec - first:.3g})"
 
 
 def table_rows(result: Mapping[str, Any], compact: bool = False) -> list[list[str]]:
@@ -107,16 +107,18 @@ def markdown(result: Mapping[str, Any]) -> str:
         "trapezoid integral, clipped at 0). WM objective: `sum <A, aligned B>` over the weights "
         "(higher is better); L2: the weight distance after alignment.",
         "",
-        "ᵇ Batched: all pairs aligned in one call (Deep-Align: one forward pass per chunk of pairs); "
-        "the time is the amortised time per pair. A chain starting with a batched method reuses "
-        "that answer as the start of the second method; its time is (amortised batched time + "
-        "the second method's own time per pair).",
+        "ᵇ Batched: all pairs aligned in one call (Deep-Align: one forward pass per chunk of pairs; "
+        f"Sinkhorn: {s.get('sinkhorn_chunk', 1)} pairs optimised together per run, each with its "
+        "own seed); the time is the amortised time per pair. A chain's time is the sum of its "
+        "stages' times per pair, in brackets (first stage + the rest); a chain starts each stage "
+        "from the previous stage's answer.",
         "",
         f"Activation matching sees {s['data_examples']} {s['data_split']} examples. Sinkhorn "
         f"(alone and as a second stage): {s['sinkhorn_steps']} steps, loss {s['sinkhorn_loss']}"
         + (f", on the same {s['data_examples']} examples" if s["data_split"] == "train" else "")
         + ". `sinkhorn_init.png`: barrier of the hard permutation along those steps on the "
-        f"first {s['trajectory_pairs']} pairs of each seed; `lmc.png`: mean loss curves.",
+        f"first {s['trajectory_pairs']} pairs of each seed, by start (near-uniform scores, the "
+        "identity, and each chain's first answer); `lmc.png`: mean loss curves.",
     ]
     if s.get("options"):
         lines += ["", f"Extra solver options: `{json.dumps(s['options'])}`."]

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from deepalign.bench.evaluate import TaskData, pair_curves, task_data, value_at
-from deepalign.bench.methods import Context, MethodRun, run_method, warm_up
+from deepalign.bench.methods import (
+    SINKHORN_CHUNK,
+    Context,
+    MethodRun,
+    identity_start,
+    run_method,
+    warm_up,
+)
 from deepalign.bench.pairs import candidate_pairs, draw_pairs
 from deepalign.bench.resume import PartialRuns, model_digest, run_key
 from deepalign.bench.stats import mean_std
@@ -221,9 +228,14 @@ class _Bench:
             "loss": curves["loss"],
             "accuracy": curves["accuracy"],
             "timing": run.timing,
-            "batched_seconds": run.batched_seconds,
+            "first_seconds": run.first_seconds,
             "trajectories": run.trajectories,
         }
+
+    def identity_trajectories(self, k: int) -> list[list[tuple[int, Any]]]:
+        """Seed ``k``'s traced pairs aligned by Sinkhorn started from the identity."""
+        n = len(self.drawn[k])
+        return identity_start(self.a[k], self.b[k], self.ctx, _pair_seeds(self.seed, k, n))
 
     def trajectory_curve(self, records: list[tuple[dict[str, Any], int]]) -> dict[str, Any] | None:
         """Barrier (mean, std over the traced pairs of every seed) at each recorded Sinkhorn step."""
@@ -286,6 +298,7 @@ def run_bench(
     eval_examples: int | None = None,
     trajectory_pairs: int = 16,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    sinkhorn_chunk: int = SINKHORN_CHUNK,
 ) -> dict[str, Any]:
     """Benchmark ``methods`` on held-out test pairs of ``zoo``; writes the outputs to ``out``.
 
@@ -294,6 +307,8 @@ def run_bench(
     see; ``eval_examples``: test examples of the curves (None: the whole test split).
     ``trajectory_pairs``: pairs per seed whose Sinkhorn trajectories feed ``sinkhorn_init.png``.
     ``options``: extra solver options per method, e.g. ``{"sinkhorn": {"lr": 0.05}}``.
+    ``sinkhorn_chunk``: pairs per batched Sinkhorn run (0: pair by pair through the registry);
+    pairs share the data order within a run, so it is part of the results' settings.
     ``on_progress(event)`` gets dicts with ``method``, ``seed``, ``run``, ``runs``, ``done``,
     ``total`` and ``stage`` as the work advances. Every bad input is refused before any work.
     A killed run resumes from its finished (method, seed) runs (``bench.partial.pt`` in ``out``).
@@ -309,6 +324,8 @@ def run_bench(
         raise DeepAlignError(f"--sinkhorn-steps must be at least 1, got {sinkhorn_steps}")
     if data_examples <= 0 or (eval_examples is not None and eval_examples <= 0):
         raise DeepAlignError("--data-examples and --eval-examples must be positive")
+    if sinkhorn_chunk < 0:
+        raise DeepAlignError(f"sinkhorn_chunk must be >= 0, got {sinkhorn_chunk}")
     method_list = parse_methods(methods)
     options = {m: dict(o) for m, o in (options or {}).items()}
     unknown = sorted(set(options) - set(method_list))
@@ -339,6 +356,7 @@ def run_bench(
         options=options,
         sinkhorn=sinkhorn_opts,
         trajectory_pairs=trajectory_pairs,
+        sinkhorn_chunk=sinkhorn_chunk,
     )
     settings = {
         "zoo": str(z.path),
@@ -364,6 +382,7 @@ def run_bench(
         "data_split": "train" if data.is_classifier else "INR coordinates",
         "sinkhorn_steps": sinkhorn_steps,
         "sinkhorn_loss": "task (cross-entropy at random lam)" if data.is_classifier else "l2",
+        "sinkhorn_chunk": sinkhorn_chunk,
         "trajectory_steps": sinkhorn_opts["trajectory_steps"],
         "trajectory_pairs": min(trajectory_pairs, len(drawn[0])),
         "options": {m: {k: _jsonable(v) for k, v in o.items()} for m, o in options.items()},
@@ -418,8 +437,8 @@ def run_bench(
         if entry["status"] == "ok":
             rows = [r for rec in records for r in rec["rows"]]
             entry["timing"] = records[0]["timing"]
-            if records[0]["batched_seconds"]:
-                entry["batched_seconds_per_pair"] = [rec["batched_seconds"] for rec in records]
+            if records[0].get("first_seconds"):
+                entry["first_stage_seconds_per_pair"] = [rec["first_seconds"] for rec in records]
             entry["summary"] = summarise(rows, seeds)
             entry["curve"] = _mean_curve(records)
             entry["pairs"] = rows
@@ -436,6 +455,10 @@ def run_bench(
             trajectories[method] = {**curve, "start": _start(method)}
         if on_progress is not None:
             on_progress({**event, "done": 1, "stage": "sinkhorn trajectory"})
+    if traced and "identity+sinkhorn" not in method_list:
+        curve = _identity_curve(bench, seeds, run_no, runs_total, on_progress)
+        if curve is not None:
+            trajectories["identity+sinkhorn"] = curve
     result = {
         "format": "deepalign-bench/1",
         "settings": settings,
@@ -449,6 +472,28 @@ def run_bench(
         write_outputs(out_path, result)
         partial.finish()
     return result
+
+
+def _identity_curve(
+    bench: _Bench, seeds: int, run_no: int, runs_total: int, on_progress: ProgressFn | None
+) -> dict[str, Any] | None:
+    """Barrier vs Sinkhorn steps from the identity (the start the from-scratch row does not show:
+    that one starts from near-uniform scores); None when it cannot run (e.g. a broken option)."""
+    event = {"method": "identity+sinkhorn", "seed": 0, "run": run_no, "runs": runs_total}
+    if on_progress is not None:
+        on_progress({**event, "total": seeds, "done": 0, "stage": "sinkhorn from identity"})
+    recs = []
+    try:
+        for k in range(seeds):
+            recs.append(({"trajectories": bench.identity_trajectories(k)}, k))
+            if on_progress is not None:
+                on_progress(
+                    {**event, "total": seeds, "done": k + 1, "stage": "sinkhorn from identity"}
+                )
+    except Exception:  # noqa: BLE001 - an extra curve; the Sinkhorn rows report their own errors
+        return None
+    curve = bench.trajectory_curve(recs)
+    return None if curve is None else {**curve, "start": "identity", "label": "Sinkhorn"}
 
 
 def _start(method: str) -> str:

@@ -65,8 +65,8 @@ def print_table(result: Mapping[str, Any], title: str) -> None:
                 f"{entry['method']} failed: {entry['error']}", markup=False, highlight=False
             )
     console.print(
-        "means over all pairs and seeds (± std in bench.md); ᵇ batched: all pairs in one call, "
-        "time amortised per pair (chains add the second method's own time).",
+        "means over all pairs and seeds (± std in bench.md); ᵇ batched: pairs solved together, "
+        "time amortised per pair (a chain's time is the sum of its stages' times).",
         markup=False,
         highlight=False,
         soft_wrap=True,

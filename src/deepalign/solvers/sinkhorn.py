@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from deepalign.core import permutation as P
 from deepalign.core.functional import batched_forward
@@ -256,6 +257,7 @@ def sinkhorn_batch(
     else:
         a_used, b_used = dict(a), dict(b)
         lams = torch.stack(lam_rows).to(device=device, dtype=dtype)  # (N, steps)
+        dims = {v.dim() for v in a.values()}
         net = copy.deepcopy(module).to(device).eval()
         data_gen = torch.Generator().manual_seed(derive_seed(seed, "sinkhorn-data"))
         batches = _forever(data, batch_size, data_gen, device)
@@ -278,13 +280,12 @@ def sinkhorn_batch(
             if y is None:
                 raise DeepAlignError("sinkhorn: loss 'task' needs labelled data")
             lam = lams[:, step]
-            merged = {
-                k: (1 - _per_pair(lam, v)) * v + _per_pair(lam, v) * soft[k]
-                if v.is_floating_point()
-                else v
+            shaped = {d: lam.reshape(-1, *([1] * (d - 1))) for d in dims}
+            merged = {  # (1 - lam) * a + lam * P(b), pair by pair
+                k: torch.lerp(v, soft[k], shaped[v.dim()]) if v.is_floating_point() else v
                 for k, v in a_used.items()
             }
-            out = batched_forward(net, merged, x)
+            out = _forward(net, merged, x, n_pairs)
             ce = F.cross_entropy(out.flatten(0, 1), y.repeat(n_pairs), reduction="none")
             per_pair = ce.reshape(n_pairs, -1).mean(1)
         adam.step(torch.autograd.grad(per_pair.sum(), scores))
@@ -329,9 +330,11 @@ class _Adam:
             p.addcdiv_(m, (v.sqrt() / root).add_(self.eps), value=-size)
 
 
-def _per_pair(lam: Tensor, like: Tensor) -> Tensor:
-    """``lam`` (N,) shaped to broadcast against a stacked tensor ``like`` (N, ...)."""
-    return lam.reshape(-1, *([1] * (like.dim() - 1)))
+def _forward(net: nn.Module, stacked: Mapping[str, Tensor], x: Tensor, n_pairs: int) -> Tensor:
+    """``batched_forward``; one pair skips ``vmap`` (the same result, ~1.5 ms less per step)."""
+    if n_pairs == 1:
+        return functional_call(net, {k: v[0] for k, v in stacked.items()}, (x,)).unsqueeze(0)
+    return batched_forward(net, stacked, x)
 
 
 def pair_info(info: Mapping[str, Any], i: int) -> dict[str, Any]:
