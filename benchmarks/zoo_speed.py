@@ -43,8 +43,8 @@ def loop_train(plan, rows, data) -> None:
                 opt.step()
 
 
-def bench(task: str, n_batched: int, n_loop: int, repeats: int, zoo_size: int) -> dict:
-    plan = make_plan(task, max(n_batched, n_loop), shard_size=n_batched)
+def bench(task: str, n_batched: int, n_loop: int, repeats: int, zoo_size: int, **overrides) -> dict:
+    plan = make_plan(task, max(n_batched, n_loop), shard_size=n_batched, **overrides)
     data = task_data(plan, None)
     cpu = torch.device("cpu")
     batched, loop, accs = [], [], []
@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--digits-models", type=int, default=500, help="one default mlp-digits shard")
     ap.add_argument("--digits-loop-models", type=int, default=10)
+    ap.add_argument("--digits-batch-size", type=int, default=None, help="override the task default")
+    ap.add_argument("--digits-lr", type=float, default=None, help="override the task default")
     ap.add_argument("--fashion-models", type=int, default=50, help="one default mlp-fashion shard")
     ap.add_argument("--fashion-loop-models", type=int, default=3)
     ap.add_argument("--fashion-repeats", type=int, default=1)
@@ -98,7 +100,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # first use imports for seconds: untimed
 
-    results = [bench("mlp-digits", args.digits_models, args.digits_loop_models, args.repeats, 2000)]
+    digits = {"batch_size": args.digits_batch_size, "lr": args.digits_lr}
+    results = [
+        bench(
+            "mlp-digits",
+            args.digits_models,
+            args.digits_loop_models,
+            args.repeats,
+            2000,
+            **{k: v for k, v in digits.items() if v is not None},
+        )
+    ]
     if not args.skip_fashion:
         results.append(
             bench(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepalign.core.arch import build, describe, mlp, siren
+from deepalign.core.arch import build, cnn, describe, mlp, siren
 from deepalign.core.functional import batched_forward
 from deepalign.data import load, sine_targets
 from deepalign.errors import DeepAlignError
@@ -59,6 +59,18 @@ def test_fast_chain_forward_matches_batched_forward(module, x_shape):
     xs = torch.randn((3, *x_shape), generator=torch.Generator().manual_seed(1))
     ref = batched_forward(module, params, xs, shared_input=False)
     assert torch.allclose(fast(params, xs, False), ref, atol=1e-5)
+
+
+def test_cpu_conv_forward_matches_batched_forward():
+    module = cnn(1, [3, 4], 10, 8)
+    config = describe(module)
+    params = _stacked(config, [1, 2, 3])
+    loop = make_forward(config, "cpu")
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(loop(params, x, True), batched_forward(module, params, x), atol=1e-5)
+    xs = torch.randn(3, 5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = batched_forward(module, params, xs, shared_input=False)
+    assert torch.allclose(loop(params, xs, False), ref, atol=1e-5)
 
 
 def test_init_is_per_seed_and_leaves_global_rng_alone():
@@ -206,6 +218,13 @@ def test_build_load_and_api(tmp_path):
     assert torch.equal(stacked["1.weight"][0], stacked["1.weight"][2])
     one = zoo.load([2])
     assert all(torch.equal(one[k][0], stacked[k][1]) for k in one)
+    small = Zoo(tmp_path / "z", cache_bytes=1)  # shard-at-a-time path: the same tensors
+    again = small.load([7, 2, 7])
+    assert all(torch.equal(again[k], stacked[k]) for k in stacked)
+    from safetensors.torch import load_file
+
+    shard1 = load_file(str(tmp_path / "z" / "shard-00001.safetensors"))  # models 4..7
+    assert torch.equal(stacked["3.weight"][0], shard1["3.weight"][3])
     module = zoo.module()
     assert not module.training
     zoo.spec.check({k: v[0] for k, v in stacked.items()}, "zoo")
@@ -256,7 +275,13 @@ def test_shard_slices_union_is_the_full_zoo(tmp_path):
     part = tmp_path / "parts"
     r0 = build_zoo(plan, part, shard=ShardSlice(0, 2))
     assert sum(r["trained"] for r in r0) == 7  # shards 0 and 2
-    assert not Zoo(part).complete and len(Zoo(part)) == 7
+    partial = Zoo(part)
+    assert not partial.complete and len(partial) == 7
+    assert partial.indices() == [0, 1, 2, 3, 8, 9, 10]
+    got, want = partial.load([9, 0]), Zoo(tmp_path / "full").load([9, 0])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(DeepAlignError, match="model 5 is not in the zoo"):
+        partial.load([5])
     r1 = build_zoo(plan, part, shard=ShardSlice(1, 2))
     assert all(r["trained"] for r in r1)
     full, parts = _tensors(Zoo(tmp_path / "full")), _tensors(Zoo(part))

@@ -129,10 +129,11 @@ def zoo(
     shard_size: int | None = typer.Option(
         None, "--shard-size", help="Models per shard file and per batched run."
     ),
-    threads: int | None = typer.Option(
-        None,
+    threads: int = typer.Option(
+        1,
         "--threads",
-        help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine).",
+        help="torch CPU threads (default 1: many small models train faster single-threaded; "
+        "run --shard i/n slices in parallel processes to use more cores).",
     ),
     device: str = DEVICE,
 ) -> None:
@@ -141,10 +142,9 @@ def zoo(
     Example: deepalign zoo --task mlp-digits --n 2000 --out zoos/mlp-digits
     """
     dev = resolve_device(device)
-    if threads is not None:
-        if threads <= 0:
-            raise DeepAlignError(f"--threads must be positive, got {threads}")
-        torch.set_num_threads(threads)
+    if threads <= 0:
+        raise DeepAlignError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
     plan = make_plan(
         task,
         n,

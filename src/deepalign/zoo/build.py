@@ -103,7 +103,7 @@ def train_shard(
     rows = [base[i] for i in plan.shard_indices(k)]
     seeds = [r["seed"] for r in rows]
     init = init_states(plan.arch, seeds)
-    forward = make_forward(plan.arch)
+    forward = make_forward(plan.arch, device)
     t = plan.training
     out: list[dict[str, Any]] = []
     if plan.kind == CLASSIFIER:

@@ -33,8 +33,9 @@ class Zoo:
     """A zoo folder, read-only. Only trained models with finite weights are listed.
 
     ``Zoo(path)`` checks the manifest and every shard header (corrupt or foreign shards raise
-    DeepAlignError). Weights are read a shard at a time and kept in an LRU cache of
-    ``cache_bytes``.
+    DeepAlignError). A zoo up to ``cache_bytes`` is read into memory whole on the first ``load``
+    (then every ``load`` is one gather per tensor); larger zoos are read a shard at a time through
+    an LRU cache of that size.
     """
 
     def __init__(
@@ -53,6 +54,8 @@ class Zoo:
         self._data_dir = data_dir if data_dir is not None else self.info.get("data_dir")
         self.rows: list[dict[str, Any]] = storage.collect_rows(self.path, self.plan)
         self._usable = [r["index"] for r in self.rows if r["trained"] and r.get("finite", True)]
+        self._usable_set = set(self._usable)
+        self._full: dict[str, Tensor] | None = None
         self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
         self._cache_bytes = cache_bytes
 
@@ -112,30 +115,58 @@ class Zoo:
         idx = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
         if not idx:
             raise DeepAlignError(f"{self.path}: no model indices given")
-        usable = set(self._usable)
-        bad = [i for i in idx if i not in usable]
+        bad = [i for i in idx if i not in self._usable_set]
         if bad:
             raise DeepAlignError(
                 f"{self.path}: model {bad[0]} is not in the zoo (indices 0..{self.plan.n - 1}, trained and finite)"
             )
+        if self._full is None and self._zoo_bytes() <= self._cache_bytes:
+            self._full = self._read_all()
+        if self._full is not None:  # the whole zoo in memory: one gather per tensor
+            rows = torch.tensor(idx)
+            out = {n: t.index_select(0, rows) for n, t in self._full.items()}
+        else:
+            out = self._gather_by_shard(idx)
+        return {n: t.to(device) for n, t in out.items()} if device is not None else out
+
+    def _zoo_bytes(self) -> int:
+        per_model = sum(
+            t.numel() * t.element_size() for t in build(self.config).state_dict().values()
+        )
+        return per_model * self.plan.n
+
+    def _read_all(self) -> dict[str, Tensor]:
+        """Every shard concatenated (untrained shards as zeros); they are never served (checked above)."""
+        parts: list[dict[str, Tensor]] = []
+        template = build(self.config).state_dict()
+        for k in range(self.plan.n_shards):
+            count = len(self.plan.shard_indices(k))
+            if self.rows[k * self.plan.shard_size]["trained"]:
+                parts.append(self._read_shard(k))
+            else:
+                parts.append(
+                    {n: torch.zeros((count, *t.shape), dtype=t.dtype) for n, t in template.items()}
+                )
+        return {n: torch.cat([p[n] for p in parts]) for n in template}
+
+    def _gather_by_shard(self, idx: list[int]) -> dict[str, Tensor]:
         size = self.plan.shard_size
         by_shard: dict[int, list[int]] = {}
         for pos, i in enumerate(idx):
             by_shard.setdefault(i // size, []).append(pos)
-        out: dict[str, Tensor] | None = None
+        out: dict[str, Tensor] = {}
         for k, positions in by_shard.items():
             tensors = self._shard(k)
             local = torch.tensor([idx[p] - k * size for p in positions])
-            if out is None:
+            if not out:
                 out = {
                     n: torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype)
                     for n, t in tensors.items()
                 }
             where = torch.tensor(positions)
             for n, t in tensors.items():
-                out[n][where] = t[local]
-        assert out is not None
-        return {n: t.to(device) for n, t in out.items()} if device is not None else out
+                out[n][where] = t.index_select(0, local)
+        return out
 
     def batches(
         self,
@@ -153,16 +184,24 @@ class Zoo:
             part = idx[s : s + batch_size]
             yield part, self.load(part, device)
 
-    def _shard(self, k: int) -> dict[str, Tensor]:
-        if k in self._cache:
-            self._cache.move_to_end(k)
-            return self._cache[k]
+    def _read_shard(self, k: int) -> dict[str, Tensor]:
         tensors = storage.read_shard_tensors(self.path, k)
-        want = set(build(self.config).state_dict())
-        if set(tensors) != want:
+        want = {n: t.shape for n, t in build(self.config).state_dict().items()}
+        count = len(self.plan.shard_indices(k))
+        if {n: (count, *s) for n, s in want.items()} != {
+            n: tuple(t.shape) for n, t in tensors.items()
+        }:
             raise DeepAlignError(
                 f"{storage.shard_path(self.path, k)}: tensors do not match the zoo's architecture"
             )
+        return tensors
+
+    def _shard(self, k: int) -> dict[str, Tensor]:
+        """Shard ``k``'s tensors through the LRU cache (zoos larger than ``cache_bytes``)."""
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        tensors = self._read_shard(k)
         self._cache[k] = tensors
         total = sum(
             sum(t.numel() * t.element_size() for t in s.values()) for s in self._cache.values()

@@ -53,7 +53,7 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task(
-            "mlp-digits", CLASSIFIER, "digits", (32, 32, 32), _mlp(64), 10, 5e-3, 128,
+            "mlp-digits", CLASSIFIER, "digits", (32, 32, 32), _mlp(64), 10, 3e-3, 64,
             shard_size=500, help="MLP 64-32-32-32-10 on the 8x8 digits (the default)",
         ),
         Task(
@@ -61,7 +61,7 @@ TASKS: dict[str, Task] = {
             shard_size=128, help="conv 16-32 (3x3, max-pool after each) + linear head on digits",
         ),
         Task(
-            "mlp-fashion", CLASSIFIER, "fashion-mnist", (128, 128, 128), _mlp(784), 2, 1e-3, 64,
+            "mlp-fashion", CLASSIFIER, "fashion-mnist", (128, 128, 128), _mlp(784), 2, 2e-3, 128,
             train_subset=10_000, shard_size=50,
             help="MLP 784-128-128-128-10 on Fashion-MNIST (fixed 10k training subset)",
         ),
@@ -71,7 +71,7 @@ TASKS: dict[str, Task] = {
             help="conv 16-32-32 + linear head on Fashion-MNIST (fixed 10k training subset)",
         ),
         Task(
-            "mlp-mnist", CLASSIFIER, "mnist", (128, 128, 128), _mlp(784), 2, 1e-3, 64,
+            "mlp-mnist", CLASSIFIER, "mnist", (128, 128, 128), _mlp(784), 2, 2e-3, 128,
             train_subset=10_000, shard_size=50, help="MLP 784-128-128-128-10 on MNIST (--data-dir)",
         ),
         Task(
