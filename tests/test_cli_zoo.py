@@ -70,7 +70,7 @@ def test_rerun_is_a_no_op_and_keeps_shards(small_zoo, cli):
     out, _ = small_zoo
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     res = cli("zoo", *SMALL, "--out", out)
-    assert res.code == 0 and "6/6" in res.out
+    assert res.code == 0 and "6/6" in res.out and "trained 0 models (6 already there)" in res.out
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == before
 
 
@@ -136,3 +136,15 @@ def test_different_zoo_in_same_folder(small_zoo, cli):
     out, _ = small_zoo
     res = cli("zoo", *SMALL[:-2], "--shard-size", "3", "--out", out)
     assert res.code == 2 and "holds a different zoo (shard_size is 4 there, 3 here)" in res.err
+
+
+def test_fashion_mnist_zoo_from_the_debian_files(tmp_path, cli):
+    """The real IDX files (``apt-get install dataset-fashion-mnist``; ``make install`` adds it)."""
+    args = ["zoo", "--task", "mlp-fashion", "--n", "2", "--hidden", "16,16", "--epochs", "3"]
+    args += ["--batch-size", "32"]
+    res = cli(*args, "--train-subset", "1000", "--out", tmp_path / "f")
+    assert res.code == 0, res.err
+    zoo = Zoo(tmp_path / "f")
+    assert zoo.config["layers"][1]["in_features"] == 784 and len(zoo) == 2
+    assert zoo.dataset("test").x.shape == (10000, 1, 28, 28)
+    assert all(r["test_accuracy"] > 0.5 for r in zoo.manifest)  # 10 classes: chance is 0.1

@@ -25,6 +25,7 @@ from deepalign.cli.common import DEVICE, SEED, app, console, err_console, resolv
 from deepalign.core.checkpoint import save_state
 from deepalign.errors import DeepAlignError
 from deepalign.zoo import DEFAULT_TASK, TASKS, ShardSlice, Zoo, build_zoo, make_plan, prepare_zoo
+from deepalign.zoo.build import already_trained
 
 TASK_HELP = "Zoo task: " + "; ".join(f"{name} = {t.help}" for name, t in TASKS.items())
 
@@ -160,6 +161,7 @@ def zoo(
     part = ShardSlice.parse(shard)
     mine = sum(len(plan.shard_indices(k)) for k in part.shards(plan))
     data = prepare_zoo(plan, out, data_dir)
+    before = already_trained(plan, out, part)
     start = time.perf_counter()
     columns = (
         TextColumn("{task.description}"),
@@ -184,7 +186,12 @@ def zoo(
     wall = time.perf_counter() - start
     s = summarize(rows)
     _out(f"{out}: {_summary_line(s)}")
-    _out(f"this run: {mine} models in slice {part.index}/{part.count}, {wall:.1f} s wall")
+    trained = mine - before
+    rate = f", {trained / wall:.1f} models/s" if trained and wall > 0 else ""
+    _out(
+        f"this run: trained {trained} models ({before} already there) of slice "
+        f"{part.index}/{part.count} in {wall:.1f} s{rate}"
+    )
     if s["trained"] < s["models"]:
         _out("not complete: run the remaining --shard slices (or rerun without --shard) to finish")
 

@@ -197,5 +197,15 @@ def prepare_zoo(
     return data
 
 
+def already_trained(plan: ZooPlan, out: str | os.PathLike, shard: ShardSlice = ShardSlice()) -> int:
+    """How many models of ``shard``'s slice are on disk already."""
+    folder = Path(out)
+    return sum(
+        len(plan.shard_indices(k))
+        for k in shard.shards(plan)
+        if storage.read_shard_rows(folder, k, plan) is not None
+    )
+
+
 def _data_dir_of(folder: Path) -> str | None:
     return storage.read_manifest(folder).get("data_dir")
