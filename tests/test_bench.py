@@ -3,6 +3,7 @@ start from the batched Deep-Align answer, failing methods, INR zoos, the CLI and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -174,6 +175,41 @@ def test_deepalign_chains_start_from_the_batched_answer(bench):
         assert (r0["a"], r0["b"]) == (r1["a"], r1["b"])
         assert r1["objective"] >= r0["objective"] - 1e-6 * abs(r0["objective"])
         assert r1["seconds"] >= r0["seconds"]  # amortised Deep-Align time + WM's own time
+
+
+def test_sinkhorn_stages_run_batched_in_chunks_from_the_previous_answer(zoo):
+    """wm+sinkhorn: WM pair by pair, then Sinkhorn on chunks of pairs started from WM's answers; a
+    chunk's data order is its first pair's seed, so that pair equals the per-pair solver's answer."""
+    from deepalign.bench.methods import Context, run_method
+    from deepalign.core.functional import unstack_state
+    from deepalign.solvers.registry import align
+    from deepalign.solvers.sinkhorn import sinkhorn_batch
+
+    z = Zoo(zoo)
+    nets = z.indices("train")
+    a, b = z.load(nets[:3]), z.load(nets[3:6])
+    data = z.dataset("train").subset(200, seed=0)
+    opts = {"steps": 4, "trajectory_steps": [0, 4]}
+    ctx = Context(z.spec, z.module(), data, None, {}, opts, trajectory_pairs=3, sinkhorn_chunk=2)
+    seeds = [11, 12, 13]
+    run = run_method("wm+sinkhorn", a, b, ctx, seeds)
+    assert run.timing == "per pair + batched (amortised)"
+    assert len(run.trajectories) == 3 and all(t[-1][0] == 4 for t in run.trajectories)
+    start = [align(unstack_state(a, i), unstack_state(b, i), z.spec, "wm")[0] for i in range(3)]
+    init = {g: torch.stack([p[g] for p in start]) for g in z.spec.groups}
+    for s, e in [(0, 2), (2, 3)]:
+        want, _ = sinkhorn_batch(
+            {k: v[s:e] for k, v in a.items()}, {k: v[s:e] for k, v in b.items()}, z.spec,
+            module=z.module(), data=data, init={g: p[s:e] for g, p in init.items()},
+            seed=seeds[s], pair_seeds=seeds[s:e], steps=4,
+        )  # fmt: skip
+        assert all(torch.equal(run.perm[g][s:e], want[g]) for g in z.spec.groups)
+        for i in range(s, e):  # step 0 of the trajectory is WM's answer
+            assert all(torch.equal(run.trajectories[i][0][1][g], init[g][i]) for g in init)
+    per_pair = run_method("wm+sinkhorn", a, b, dataclasses.replace(ctx, sinkhorn_chunk=0), seeds)
+    assert per_pair.timing == "per pair"
+    for i in (0, 2):  # the first pair of each chunk
+        assert all(torch.equal(per_pair.perm[g][i], run.perm[g][i]) for g in z.spec.groups)
 
 
 def test_a_failing_method_is_reported_and_the_run_goes_on(zoo, tmp_path):
