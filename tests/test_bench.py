@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from deepalign.bench import DEFAULT_METHODS, OUTPUTS, run_bench
-from deepalign.bench.demo import TINY_MODEL
 from deepalign.core import arch
 from deepalign.core.weight_space import WeightSpaceLayout
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
 from deepalign.nn.pretrained import save_pretrained
+from deepalign.nn.sizes import MODEL_SIZES
 from deepalign.zoo.build import build_zoo
 from deepalign.zoo.loader import Zoo
 from deepalign.zoo.plan import make_plan
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = DeepAlignConfig(**TINY_MODEL)
+TINY = DeepAlignConfig(**MODEL_SIZES["tiny"])
 POINTS = 5
 
 

@@ -11,13 +11,14 @@ from deepalign.core import permutation as P
 from deepalign.errors import DeepAlignError
 from deepalign.nn.model import DeepAlignConfig
 from deepalign.nn.pretrained import load_pretrained
+from deepalign.nn.sizes import MODEL_SIZES
 from deepalign.training.loop import TrainConfig
 from deepalign.training.trainer import train_aligner
 from deepalign.zoo.build import build_zoo
 from deepalign.zoo.loader import Zoo
 from deepalign.zoo.plan import make_plan
 
-TINY = DeepAlignConfig(hidden=8, n_layers=1, out_features=16, edge_channels=4, set_layer="deepsets")
+TINY = DeepAlignConfig(**MODEL_SIZES["tiny"])
 
 
 def _cfg(epochs: int) -> TrainConfig:

@@ -25,23 +25,14 @@ from deepalign.bench.report import OUTPUTS
 from deepalign.bench.runner import DEFAULT_METHODS, check_out, run_bench
 from deepalign.core.io import atomic_write_text
 from deepalign.errors import DeepAlignError
+from deepalign.nn.sizes import MODEL_SIZES
 from deepalign.zoo.build import build_zoo
 from deepalign.zoo.loader import Zoo
 from deepalign.zoo.plan import make_plan
 
 FORMAT = "deepalign-demo/1"
 TASK = "mlp-digits"
-# Deep-Align sizes for library callers; the CLI passes `deepalign train --size`'s table instead
-# (``model_sizes``), so `deepalign demo` trains exactly what `--size cpu` / `--size tiny` name.
-CPU_MODEL = {"hidden": 32, "n_layers": 2, "out_features": 64, "edge_channels": 8}
-TINY_MODEL = {
-    "hidden": 8,
-    "n_layers": 1,
-    "out_features": 16,
-    "edge_channels": 4,
-    "set_layer": "deepsets",
-}
-SIZES = {"cpu": CPU_MODEL, "tiny": TINY_MODEL}
+SIZES = MODEL_SIZES
 
 
 @dataclass(frozen=True)
@@ -69,11 +60,11 @@ class DemoProfile:
 PROFILES = {
     "full": DemoProfile(
         name="full",
-        zoo_n=500,
+        zoo_n=1000,
         zoo_hidden=None,
         zoo_epochs=None,
         size="cpu",
-        train_epochs=10,
+        train_epochs=8,
         train_steps=40,
         train_batch=32,
         pairs=32,

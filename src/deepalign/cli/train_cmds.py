@@ -9,20 +9,9 @@ import typer
 
 from deepalign.cli.common import DEVICE, SEED, app, console, progress, resolve_device
 from deepalign.errors import DeepAlignError
+from deepalign.nn.sizes import MODEL_SIZES
 
-# Named model sizes: "paper" is the paper's (§3.2); "cpu" trains within minutes on 2 cores.
-SIZES = {
-    "tiny": {
-        "hidden": 8,
-        "n_layers": 1,
-        "out_features": 16,
-        "edge_channels": 4,
-        "set_layer": "deepsets",
-        "init_scale": 3.0,
-    },
-    "cpu": {"hidden": 32, "n_layers": 2, "out_features": 64, "edge_channels": 8, "init_scale": 3.0},
-    "paper": {},
-}
+SIZES = MODEL_SIZES  # re-exported for callers of the CLI module
 
 
 def describe_aligner(path: Path, as_json: bool) -> None:
