@@ -78,3 +78,18 @@ def test_alignment_and_lmc_losses_vanish_or_match_at_the_right_permutation():
     expected = F.cross_entropy(batched_forward(module, a, x).reshape(-1, 10), y.repeat(3))
     got = lmc_loss(spec, module, a, b, right, x, y, torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, expected)
+
+
+def test_cosine_schedule_decays_from_lr_to_five_percent():
+    import pytest
+
+    from deepalign.errors import DeepAlignError
+    from deepalign.training.loop import TrainConfig, learning_rate
+
+    cfg = TrainConfig(lr=1e-2)
+    rates = [learning_rate(cfg, t, 100) for t in range(101)]
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(5e-4)
+    assert all(x >= y for x, y in zip(rates, rates[1:], strict=False))
+    assert learning_rate(TrainConfig(lr=1e-2, schedule="constant"), 50, 100) == 1e-2
+    with pytest.raises(DeepAlignError, match="schedule"):
+        learning_rate(TrainConfig(schedule="step"), 0, 10)

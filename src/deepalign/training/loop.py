@@ -35,6 +35,7 @@ class TrainConfig:
     batch: int = 32
     steps_per_epoch: int | None = None  # default: len(train split) // batch
     lr: float = 3e-3
+    schedule: str = "cosine"  # "cosine" (to 5% of lr over all epochs) or "constant"
     weight_decay: float = 5e-4
     grad_clip: float = 1.0
     w_supervised: float = 1.0
@@ -45,6 +46,20 @@ class TrainConfig:
     val_points: int = 5
     seed: int = 0
     augment: dict = field(default_factory=lambda: asdict(Augment()))
+
+
+def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate at ``step`` of ``total``: cosine decay to 5% of ``cfg.lr``, or constant."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule != "cosine":
+        raise DeepAlignError(
+            f"unknown learning-rate schedule {cfg.schedule!r} (cosine or constant)"
+        )
+    floor = 0.05 * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (
+        1 + math.cos(math.pi * min(step, total) / max(total, 1))
+    )
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -98,6 +113,8 @@ def train_epoch(
     sums = {"loss": 0.0, "supervised": 0.0, "alignment": 0.0, "lmc": 0.0}
     model.train()
     for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, epoch * steps + step, cfg.epochs * steps)
         idx = order[(torch.arange(cfg.batch) + step * cfg.batch) % n_train]
         other = task.partner(idx, g)
         a = {k: v[idx].to(device) for k, v in train_states.items()}
