@@ -55,6 +55,9 @@ def train(
     ),
     lr: float = typer.Option(3e-3, "--lr", help="AdamW learning rate."),
     size: str = typer.Option("cpu", "--size", help="Model size: tiny, cpu or paper."),
+    downsample: int | None = typer.Option(
+        None, "--downsample", min=1, help="Compress wide inputs (e.g. 784 pixels) to K probes."
+    ),
     w_sup: float = typer.Option(1.0, "--w-supervised", help="Weight of the supervised loss."),
     w_align: float = typer.Option(1.0, "--w-alignment", help="Weight of the L2 alignment loss."),
     w_lmc: float = typer.Option(1.0, "--w-lmc", help="Weight of the LMC (task) loss."),
@@ -104,7 +107,9 @@ def train(
         train_aligner(
             zoo,
             out,
-            DeepAlignConfig(**SIZES[size]),
+            DeepAlignConfig(
+                **{**SIZES[size], **({"downsample": downsample} if downsample else {})}
+            ),
             cfg,
             dev,
             resume,
