@@ -65,7 +65,15 @@ def test_training_writes_an_aligner_that_loads_and_aligns(zoo, tmp_path):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(zoo, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_aligner(zoo, straight, TINY, _cfg(2))
-    train_aligner(zoo, resumed, TINY, _cfg(1))  # "killed" after epoch 1
+
+    class Killed(Exception):
+        pass
+
+    def kill(row: dict) -> None:  # the process dies right after epoch 1's checkpoint
+        raise Killed
+
+    with pytest.raises(Killed):
+        train_aligner(zoo, resumed, TINY, _cfg(2), on_epoch=kill)
     with pytest.raises(DeepAlignError, match="--resume"):
         train_aligner(zoo, resumed, TINY, _cfg(2))
     train_aligner(zoo, resumed, TINY, _cfg(2), resume=True)
