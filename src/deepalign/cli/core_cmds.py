@@ -12,33 +12,16 @@ import typer
 from deepalign.cli.common import SEED, app, console
 from deepalign.core import permutation as P
 from deepalign.core.arch import build
-from deepalign.core.checkpoint import load_state, parse_arch, save_state
+from deepalign.core.checkpoint import (  # load_checkpoint: used by every command
+    load_checkpoint,
+    save_state,
+)
 from deepalign.core.io import atomic_path
-from deepalign.core.spec_builders import spec_for_module
 from deepalign.errors import DeepAlignError
 
 ARCH = typer.Option(
     None, "--arch", help="Architecture for plain state dicts: JSON file/text or 'mlp:64-32-10'."
 )
-
-
-def load_checkpoint(path: Path, arch: str | None = None):
-    """Tensors, architecture config, module and spec of a checkpoint, all checked."""
-    state, stored, meta = load_state(path)
-    config = parse_arch(arch) if arch else stored
-    if config is None:
-        raise DeepAlignError(f"{path}: the file does not describe its architecture; pass --arch")
-    module = build(config, where=f"{path}: architecture")
-    spec = spec_for_module(module)
-    spec.check(state, where=str(path))
-    own = module.state_dict()
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise DeepAlignError(
-                f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-            )
-    module.load_state_dict(state)
-    return state, config, module.eval(), spec, meta
 
 
 def example_input(

@@ -136,9 +136,16 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], Config | Non
     return state, arch, metadata
 
 
-def load_model(path: str | os.PathLike, arch: Config | str | None = None) -> nn.Module:
-    """Rebuild the module stored in ``path``; ``arch`` is needed only for plain state dicts."""
-    state, stored, _ = load_state(path)
+def load_checkpoint(
+    path: str | os.PathLike, arch: Config | str | None = None
+) -> tuple[dict[str, Tensor], Config, nn.Module, Any, dict[str, str]]:
+    """Tensors, architecture config, loaded module (eval mode), spec and metadata, all checked.
+
+    ``arch`` (a config or ``parse_arch`` text) is needed only for plain state dicts.
+    """
+    from deepalign.core.spec_builders import spec_for_module
+
+    state, stored, meta = load_state(path)
     if isinstance(arch, str):
         arch = parse_arch(arch)
     config = arch if arch is not None else stored
@@ -147,9 +154,8 @@ def load_model(path: str | os.PathLike, arch: Config | str | None = None) -> nn.
             f"{path}: the file does not describe its architecture; pass one (--arch)"
         )
     module = build(config, where=f"{path}: architecture")
-    from deepalign.core.spec_builders import spec_for_module
-
-    spec_for_module(module).check(state, where=str(path))
+    spec = spec_for_module(module)
+    spec.check(state, where=str(path))
     own = module.state_dict()
     for k, v in state.items():
         if v.shape != own[k].shape:
@@ -157,4 +163,9 @@ def load_model(path: str | os.PathLike, arch: Config | str | None = None) -> nn.
                 f"{path}: {k} has shape {tuple(v.shape)}, the architecture expects {tuple(own[k].shape)}"
             )
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return module.eval()
+    return state, config, module.eval(), spec, meta
+
+
+def load_model(path: str | os.PathLike, arch: Config | str | None = None) -> nn.Module:
+    """Rebuild the module stored in ``path``; ``arch`` is needed only for plain state dicts."""
+    return load_checkpoint(path, arch)[2]
