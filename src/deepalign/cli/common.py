@@ -46,6 +46,12 @@ def resolve_device(name: str) -> torch.device:
         raise DeepAlignError(f"--device {name!r}: not a torch device name") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeepAlignError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeepAlignError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeepAlignError(f"--device {name}: MPS is not available on this machine")
     return dev
 
 
