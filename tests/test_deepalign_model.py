@@ -10,6 +10,7 @@ from deepalign.core.permutation import apply, apply_soft, invert, is_permutation
 from deepalign.core.weight_space import WeightSpaceLayout
 from deepalign.errors import DeepAlignError
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
+from deepalign.solvers.assignment import linear_assignment
 
 torch.set_num_threads(1)
 
@@ -191,3 +192,14 @@ def test_config_round_trips_and_rejects_bad_options():
         DeepAlignConfig.from_dict({"hiden": 3})
     with pytest.raises(DeepAlignError, match="JSON"):
         DeepAlignConfig.from_json("{")
+
+
+def test_similarities_are_the_cosines_the_permutation_maximises():
+    _, model, a = setup("mlp", batch=2, seed=1)
+    _, _, b = setup("mlp", batch=2, seed=2)
+    perm, sims = model.align_with_similarities(a, b)
+    scores = model.eval()(a, b)
+    for g, s in sims.items():
+        assert s.shape == scores[g].shape and float(s.abs().max()) <= 1 + 1e-6
+        assert torch.allclose(s * model.log_scale.exp() ** 2, scores[g], atol=1e-5)
+        assert torch.equal(perm[g], linear_assignment(scores[g]))

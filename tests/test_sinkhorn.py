@@ -198,6 +198,9 @@ def test_batched_solver_lowers_every_pairs_loss():
         ("init-shape", "must hold 2 permutations"),
         ("init-groups", "do not match"),
         ("seeds", "pair seeds"),
+        ("scores-shape", "must be 2 finite"),
+        ("scores-nan", "must be 2 finite"),
+        ("scores-groups", "init_scores must map"),
         ("b-shape", "B:"),
         ("tau", "tau > 0"),
     ],
@@ -214,6 +217,16 @@ def test_batched_solver_rejects_bad_inputs_in_one_line(case, needle):
         kw["init"] = {"nope": torch.arange(3).expand(2, 3)}
     elif case == "seeds":
         kw["pair_seeds"] = [1, 2, 3]
+    elif case.startswith("scores"):
+        scores = {g: torch.zeros(2, n, n) for g, n in spec.groups.items()}
+        g0 = next(iter(scores))
+        if case == "scores-shape":
+            scores[g0] = scores[g0][:, :-1]
+        elif case == "scores-nan":
+            scores[g0][1, 0, 0] = float("nan")
+        else:
+            scores = {"nope": torch.zeros(2, 3, 3)}
+        kw["init_scores"] = scores
     elif case == "b-shape":
         b = {k: v[..., :-1] if v.dim() > 2 else v for k, v in b.items()}
     elif case == "tau":
@@ -221,3 +234,62 @@ def test_batched_solver_rejects_bad_inputs_in_one_line(case, needle):
     with pytest.raises(DeepAlignError) as err:
         sinkhorn_batch(a, b, spec, **kw)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_soft_scores_are_the_start_and_replace_the_hard_prior():
+    """With ``init_scores`` the scores start at ``init_scale * init_scores`` (no noise): after
+    0 steps the answer is the scores' assignment, even where a hard ``init`` says otherwise."""
+    _, spec, a_list, b_list = _models(3, seed=7)
+    a, b = stack_states(a_list), stack_states(b_list)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g: torch.rand(3, n, n, generator=gen) * 2 - 1 for g, n in spec.groups.items()}
+    want = {g: linear_assignment(q) for g, q in scores.items()}
+    ident = {g: torch.arange(n).expand(3, n).clone() for g, n in spec.groups.items()}
+    assert any(not torch.equal(want[g], ident[g]) for g in want)
+    perm, _ = sinkhorn_batch(a, b, spec, steps=0, init=ident, init_scores=scores)
+    assert all(torch.equal(perm[g], want[g]) for g in want)
+    # the per-pair solver takes (n, n) scores and agrees with the batch
+    one, _ = sinkhorn_rebasin(
+        a_list[1],
+        b_list[1],
+        spec,
+        steps=3,
+        seed=5,
+        init_scores={g: q[1] for g, q in scores.items()},
+    )
+    many, _ = sinkhorn_batch(
+        {k: v[1:2] for k, v in a.items()},
+        {k: v[1:2] for k, v in b.items()},
+        spec,
+        steps=3,
+        seed=5,
+        pair_seeds=[5],
+        init_scores={g: q[1:2] for g, q in scores.items()},
+    )
+    assert all(torch.equal(one[g], many[g][0]) for g in one)
+
+
+def test_a_chain_hands_a_stages_soft_scores_to_sinkhorn():
+    """A stage that reports NEXT_SCORES starts the next Sinkhorn from them (not from its hard
+    answer); a method without the option just gets the permutation."""
+    from deepalign.solvers import registry
+
+    _, spec, a_list, b_list = _models(1, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    scores = {g: torch.rand(n, n, generator=gen) for g, n in spec.groups.items()}
+
+    def soft_identity(a, b, spec, *, module=None, data=None, init=None, seed=0):
+        perm = {g: torch.arange(n) for g, n in spec.groups.items()}
+        return perm, {registry.NEXT_SCORES: scores}
+
+    registry.register("soft_identity_for_test")(soft_identity)
+    try:
+        perm, info = registry.align(
+            a_list[0], b_list[0], spec, "soft_identity_for_test+sinkhorn", steps=0
+        )
+        assert all(torch.equal(perm[g], linear_assignment(q)) for g, q in scores.items())
+        assert registry.NEXT_SCORES not in info["parts"][0]
+        perm, _ = registry.align(a_list[0], b_list[0], spec, "soft_identity_for_test+wm")
+        assert set(perm) == set(spec.groups)
+    finally:
+        registry.METHODS.pop("soft_identity_for_test")

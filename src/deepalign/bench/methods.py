@@ -70,21 +70,23 @@ def split_chain(method: str) -> tuple[str, str]:
 
 def _batched(
     head: str, a: Mapping[str, Tensor], b: Mapping[str, Tensor], ctx: Context
-) -> Permutation:
+) -> tuple[Permutation, dict[str, Tensor] | None]:
+    """The head's permutations and, for Deep-Align, its similarities (a next Sinkhorn's start)."""
     n = next(iter(a.values())).shape[0]
+    device = next(iter(a.values())).device
     if head == "identity":
-        device = next(iter(a.values())).device
-        return {g: p.expand(n, -1).clone() for g, p in P.identity(ctx.spec, device=device).items()}
-    from deepalign.nn.aligner_method import align_batch
+        perm = P.identity(ctx.spec, device=device)
+        return {g: p.expand(n, -1).clone() for g, p in perm.items()}, None
+    from deepalign.nn.aligner_method import align_batch_with_similarities
 
     chunks = []
     for s in range(0, n, ALIGNER_CHUNK):
         part_a = {k: v[s : s + ALIGNER_CHUNK] for k, v in a.items()}
         part_b = {k: v[s : s + ALIGNER_CHUNK] for k, v in b.items()}
-        chunks.append(align_batch(ctx.aligner, part_a, part_b))
-    return {
-        g: torch.cat([c[g] for c in chunks]).to(next(iter(a.values())).device) for g in chunks[0]
-    }
+        chunks.append(align_batch_with_similarities(ctx.aligner, part_a, part_b))
+    groups = chunks[0][0]
+    perm = {g: torch.cat([c[0][g] for c in chunks]).to(device) for g in groups}
+    return perm, {g: torch.cat([c[1][g] for c in chunks]).to(device) for g in groups}
 
 
 def split_tail(rest: str, ctx: Context) -> tuple[str, str]:
@@ -103,7 +105,7 @@ def warm_up(method: str, a: Mapping[str, Tensor], b: Mapping[str, Tensor], ctx: 
         _batched(head, one_a, one_b, ctx)
     if split_tail(rest, ctx)[1]:
         opts = _solver_options("sinkhorn", method, ctx, with_trajectory=False)
-        _sinkhorn_chunk(one_a, one_b, ctx, [0], None, {**opts, "steps": 1})
+        _sinkhorn_chunk(one_a, one_b, ctx, [0], None, None, {**opts, "steps": 1})
 
 
 def _check_options(rest: str, method: str, ctx: Context) -> None:
@@ -150,6 +152,7 @@ def _sinkhorn_chunk(
     ctx: Context,
     seeds: list[int],
     init: Permutation | None,
+    init_scores: Mapping[str, Tensor] | None,
     opts: Mapping[str, Any],
 ) -> tuple[Permutation, dict[str, Any]]:
     """One batched Sinkhorn run; its data order is seeded by its first pair's seed."""
@@ -160,6 +163,7 @@ def _sinkhorn_chunk(
         module=ctx.module,
         data=ctx.solver_data,
         init=init,
+        init_scores=init_scores,
         seed=seeds[0],
         pair_seeds=seeds,
         **opts,
@@ -184,9 +188,12 @@ def _per_pair_stage(
     ctx: Context,
     seeds: list[int],
     init: Permutation | None,
+    init_scores: Mapping[str, Tensor] | None,
     tell: Callable[[int], None],
 ) -> _Stage:
     uses_data = any(m.uses_data for m in resolve(chain))
+    first = resolve(chain)[0]
+    soft = init_scores is not None and first.options is not None and "init_scores" in first.options
     n = next(iter(a.values())).shape[0]
     out = _Stage({}, [], [], [])
     perms: list[Permutation] = []
@@ -202,6 +209,7 @@ def _per_pair_stage(
             init=None if init is None else {g: p[i] for g, p in init.items()},
             seed=seeds[i],
             **_solver_options(chain, method, ctx, with_traj),
+            **({"init_scores": {g: q[i] for g, q in init_scores.items()}} if soft else {}),
         )
         perms.append(perm)
         out.seconds.append(float(info["seconds"]))
@@ -221,6 +229,7 @@ def _sinkhorn_stage(
     ctx: Context,
     seeds: list[int],
     init: Permutation | None,
+    init_scores: Mapping[str, Tensor] | None,
     tell: Callable[[int], None],
 ) -> _Stage:
     n = next(iter(a.values())).shape[0]
@@ -237,6 +246,7 @@ def _sinkhorn_stage(
             ctx,
             seeds[s:e],
             None if init is None else {g: p[s:e] for g, p in init.items()},
+            None if init_scores is None else {g: q[s:e] for g, q in init_scores.items()},
             opts,
         )
         out.seconds += [(time.perf_counter() - start) / (e - s)] * (e - s)
@@ -275,6 +285,7 @@ def run_method(
     iterations = [0] * n
     trajectories: list[list[tuple[int, Permutation]]] = []
     init: Permutation | None = None
+    scores: dict[str, Tensor] | None = None  # the head's soft answer, for a Sinkhorn right after it
 
     def teller(stage: int) -> Callable[[int], None]:
         def tell(done: int) -> None:
@@ -285,7 +296,7 @@ def run_method(
 
     if head:
         start = time.perf_counter()
-        init = _batched(head, a, b, ctx)
+        init, scores = _batched(head, a, b, ctx)
         stage_seconds.append([(time.perf_counter() - start) / n] * n)
         kinds.append(BATCHED_KIND)
         teller(0)(n)
@@ -294,10 +305,10 @@ def run_method(
             continue
         tell = teller(len(kinds))
         if batched:
-            stage = _sinkhorn_stage(method, a, b, ctx, seeds, init, tell)
+            stage = _sinkhorn_stage(method, a, b, ctx, seeds, init, scores, tell)
         else:
-            stage = _per_pair_stage(chain, method, a, b, ctx, seeds, init, tell)
-        init = stage.perm
+            stage = _per_pair_stage(chain, method, a, b, ctx, seeds, init, scores, tell)
+        init, scores = stage.perm, None
         stage_seconds.append(stage.seconds)
         kinds.append(BATCHED_KIND if batched else PER_PAIR_KIND)
         iterations = [i + j for i, j in zip(iterations, stage.iterations, strict=True)]

@@ -111,7 +111,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"Sinkhorn: {s.get('sinkhorn_chunk', 1)} pairs optimised together per run, each with its "
         "own seed); the time is the amortised time per pair. A chain's time is the sum of its "
         "stages' times per pair, in brackets (first stage + the rest); a chain starts each stage "
-        "from the previous stage's answer.",
+        "from the previous stage's answer (a Sinkhorn right after Deep-Align from the aligner's "
+        "similarities, its soft answer).",
         "",
         f"Activation matching sees {s['data_examples']} {s['data_split']} examples. Sinkhorn "
         f"(alone and as a second stage): {s['sinkhorn_steps']} steps, loss {s['sinkhorn_loss']}"

@@ -1,7 +1,9 @@
 """The ``deepalign`` method in the solver registry: one forward pass of a trained aligner.
 
-``deepalign+wm`` and ``deepalign+sinkhorn`` come from the registry's chaining (the aligner's output
-is the next method's ``init``). For many pairs at once use :func:`align_batch`.
+``deepalign+wm`` and ``deepalign+sinkhorn`` come from the registry's chaining: the aligner's
+permutation is the next method's ``init``, and its cosine similarities are handed on as
+``init_scores`` to a next method that takes them (Sinkhorn starts from the aligner's soft answer).
+For many pairs at once use :func:`align_batch`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
 from deepalign.nn.model import DeepAlign
 from deepalign.nn.pretrained import load_pretrained
-from deepalign.solvers.registry import register
+from deepalign.solvers.registry import NEXT_SCORES, register
 
 
 @lru_cache(maxsize=4)
@@ -54,10 +56,18 @@ def align_batch(
     aligner: DeepAlign | str | os.PathLike, a: dict[str, Tensor], b: dict[str, Tensor]
 ) -> Permutation:
     """Permutations ``(N, n)`` bringing each stacked B into its A's basis, in one forward pass."""
+    return align_batch_with_similarities(aligner, a, b)[0]
+
+
+@torch.no_grad()
+def align_batch_with_similarities(
+    aligner: DeepAlign | str | os.PathLike, a: dict[str, Tensor], b: dict[str, Tensor]
+) -> tuple[Permutation, dict[str, Tensor]]:
+    """:func:`align_batch` and the aligner's cosine similarities ``(N, n, n)`` per group."""
     model = get_aligner(aligner, next(iter(a.values())).device)
     model.layout.check(a, where="A")
     model.layout.check(b, where="B")
-    return model.align(a, b)
+    return model.align_with_similarities(a, b)
 
 
 @register("deepalign")
@@ -78,8 +88,9 @@ def deepalign(
     start = time.perf_counter()
     stacked_a = {k: v.unsqueeze(0) for k, v in a.items()}
     stacked_b = {k: v.unsqueeze(0) for k, v in b.items()}
-    perm = align_batch(model, stacked_a, stacked_b)
+    perm, sims = align_batch_with_similarities(model, stacked_a, stacked_b)
     return {g: p[0] for g, p in perm.items()}, {
         "iterations": 1,
         "forward_seconds": time.perf_counter() - start,
+        NEXT_SCORES: {g: s[0] for g, s in sims.items()},
     }

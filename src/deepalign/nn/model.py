@@ -233,13 +233,25 @@ class DeepAlign(nn.Module):
 
         ``apply(layout.spec, perm, state_b, batch_dims=1)`` puts each B into its A's basis.
         """
+        return self.align_with_similarities(state_a, state_b)[0]
+
+    @torch.no_grad()
+    def align_with_similarities(
+        self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]
+    ) -> tuple[Permutation, Scores]:
+        """:meth:`align`'s permutations and the cosine similarities ``Q / s^2`` (in [-1, 1]) they
+        maximise: the aligner's soft answer, e.g. a start for Sinkhorn (``deepalign+sinkhorn``)."""
         was_training = self.training
         self.eval()
         try:
             scores = self(state_a, state_b)
         finally:
             self.train(was_training)
-        return {g: linear_assignment(q) for g, q in scores.items()}
+        s2 = self.log_scale.detach().mul(2).exp()
+        return (
+            {g: linear_assignment(q) for g, q in scores.items()},
+            {g: (q / s2).clamp(-1, 1) for g, q in scores.items()},
+        )
 
     @classmethod
     def from_pretrained(

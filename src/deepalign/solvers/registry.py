@@ -3,7 +3,8 @@
 ``align(a, b, spec, method)`` returns the permutation that brings ``b`` into ``a``'s basis and an
 info dict (method, objective, L2 distance, iterations, seconds, plus what the method reports).
 Methods chain with ``+``: in ``"wm+sinkhorn"`` the first method's permutation is the second's
-``init``. Methods named ``deepalign*`` live in :mod:`deepalign.nn.aligner_method`, imported on
+``init``; a method that also has a soft answer puts it in its info under :data:`NEXT_SCORES`, and
+the next method gets it as ``init_scores`` when it takes that option (``deepalign+sinkhorn``). Methods named ``deepalign*`` live in :mod:`deepalign.nn.aligner_method`, imported on
 first use (it registers them).
 """
 
@@ -27,6 +28,7 @@ from deepalign.solvers.objective import l2_distance, weight_inner
 
 Solver = Callable[..., tuple[Permutation, dict[str, Any]]]
 _STANDARD = ("a", "b", "spec", "module", "data", "init", "seed")
+NEXT_SCORES = "next_scores"  # info key: a stage's soft scores per group, for the next stage
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,15 @@ def align(
     perm = None if init is None else _check_init(spec, init, device)
     infos = []
     start = time.perf_counter()
+    scores = None
     for m in parts:
         opts = (
             options if m.options is None else {k: v for k, v in options.items() if k in m.options}
         )
+        if scores is not None and m.options is not None and "init_scores" in m.options:
+            opts = {**opts, "init_scores": scores}
         perm, info = m.fn(a, b, spec, module=module, data=data, init=perm, seed=seed, **opts)
+        scores = info.pop(NEXT_SCORES, None)
         info = {"method": m.name, **info}
         infos.append(info)
     seconds = time.perf_counter() - start

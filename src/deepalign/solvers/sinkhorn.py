@@ -150,6 +150,7 @@ def _check_batch(
     spec: PermutationSpec,
     init: Mapping[str, Tensor] | None,
     pair_seeds: Sequence[int] | None,
+    init_scores: Mapping[str, Tensor] | None = None,
 ) -> int:
     spec.check(a, where="A", batch_dims=1)
     spec.check(b, where="B", batch_dims=1)
@@ -168,12 +169,25 @@ def _check_batch(
                 raise DeepAlignError(
                     f"init for group {g!r} must hold {n} permutations of {spec.groups[g]}"
                 )
+    if init_scores is not None:
+        if not isinstance(init_scores, Mapping) or set(init_scores) != set(spec.groups):
+            raise DeepAlignError(
+                f"init_scores must map the architecture's groups {sorted(spec.groups)} to score "
+                "matrices"
+            )
+        for g, q in init_scores.items():
+            size = spec.groups[g]
+            if tuple(q.shape) != (n, size, size) or not bool(torch.isfinite(q).all()):
+                raise DeepAlignError(
+                    f"init_scores for group {g!r} must be {n} finite {size}x{size} matrices"
+                )
     if pair_seeds is not None and len(pair_seeds) != n:
         raise DeepAlignError(f"sinkhorn: {len(pair_seeds)} pair seeds for {n} pairs")
     return n
 
 
-DEFAULT_INIT_SCALE = 1.0
+DEFAULT_INIT_SCALE = 1.0  # a hard init's prior (see sinkhorn_rebasin)
+DEFAULT_SOFT_INIT_SCALE = 4.0  # the multiplier of soft init_scores, e.g. Deep-Align's cosines
 
 
 def sinkhorn_batch(
@@ -195,6 +209,7 @@ def sinkhorn_batch(
     init_scale: float | None = None,
     noise: float = 0.01,
     trajectory_steps: Sequence[int] | None = None,
+    init_scores: Mapping[str, Tensor] | None = None,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Sinkhorn re-basin of N stacked pairs ``(a[i], b[i])`` at once; permutations come back ``(N, n)``.
 
@@ -214,7 +229,7 @@ def sinkhorn_batch(
         )
     if steps < 0 or tau <= 0 or lr <= 0 or sinkhorn_iters < 1:
         raise DeepAlignError("sinkhorn: steps >= 0, tau > 0, lr > 0 and sinkhorn_iters >= 1 needed")
-    n_pairs = _check_batch(a, b, spec, init, pair_seeds)
+    n_pairs = _check_batch(a, b, spec, init, pair_seeds, init_scores)
     seeds = [seed + i for i in range(n_pairs)] if pair_seeds is None else list(pair_seeds)
     device = next(iter(a.values())).device
     dtype = next(t for t in a.values() if t.is_floating_point()).dtype
@@ -228,7 +243,10 @@ def sinkhorn_batch(
         row = {}
         for g, n in spec.groups.items():
             m = noise * torch.randn(n, n, generator=gen, dtype=torch.float32)
-            if init is not None:
+            if init_scores is not None:  # a soft start replaces init's prior and the noise
+                scale = DEFAULT_SOFT_INIT_SCALE if init_scale is None else init_scale
+                m = scale * init_scores[g][i].detach().float().cpu()
+            elif init is not None:
                 scale = DEFAULT_INIT_SCALE if init_scale is None else init_scale
                 m[torch.arange(n), init[g][i].cpu()] += scale
             row[g] = m
@@ -370,6 +388,7 @@ def sinkhorn_rebasin(
     init_scale: float | None = None,
     noise: float = 0.01,
     trajectory_steps: Sequence[int] | None = None,
+    init_scores: Mapping[str, Tensor] | None = None,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Sinkhorn re-basin; ``loss`` defaults to "task" when ``data`` is given, else "l2".
 
@@ -377,7 +396,11 @@ def sinkhorn_rebasin(
     optimisation starts at ``init`` (its Hungarian projection is ``init``) yet can leave it — on
     digits MLPs, 1 gave lower barriers for wm+sinkhorn and deepalign+sinkhorn than the confident
     ``log(n) + 2`` (0.095/0.101 vs 0.111/0.123 on 32 pairs); without ``init`` the scores start near
-    uniform (seeded noise of size ``noise``). ``trajectory_steps`` lists steps (0 = before any
+    uniform (seeded noise of size ``noise``). ``init_scores`` (``{group: (n, n)}``, e.g. Deep-Align's
+    cosine similarities, which ``deepalign+sinkhorn`` hands on) is a soft start instead: the scores
+    start at ``init_scale * init_scores`` without noise (default scale 4: on two draws of 128
+    validation pairs of the digits MLP zoo, scales 3, 4, 6 beat the hard start by 0.010-0.013 in
+    barrier, 4 by the most; 8 and 10 less). ``trajectory_steps`` lists steps (0 = before any
     update) at which the hard permutation is recorded in ``info["trajectory"]`` as ``(step, perm)``.
     ``info["loss_history"]`` has the loss of every step. The same as :func:`sinkhorn_batch` on the
     one pair with ``pair_seeds=[seed]``.
@@ -400,5 +423,8 @@ def sinkhorn_rebasin(
         init_scale=init_scale,
         noise=noise,
         trajectory_steps=trajectory_steps,
+        init_scores=None
+        if init_scores is None
+        else {g: q.unsqueeze(0) for g, q in init_scores.items()},
     )
     return {g: p[0] for g, p in perm.items()}, pair_info(info, 0)
