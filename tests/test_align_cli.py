@@ -208,6 +208,10 @@ def test_similarity_of_a_permuted_copy_is_zero(cli, models, tmp):
         (["align", "{mlp0}", "{mlp1}", "-m", "deepalign"], "--aligner"),
         (["align", "{mlp0}", "{mlp1}", "-o", "steps"], "KEY=VALUE"),
         (["align", "{mlp0}", "{mlp1}", "-o", "bogus=1"], "unknown option"),
+        (["align", "{mlp0}", "{mlp1}", "-m", "sinkhorn", "-o", "init_scale=abc"], "a number"),
+        (["align", "{mlp0}", "{mlp1}", "-m", "sinkhorn", "-o", "steps=2.5"], "an integer"),
+        (["align", "{mlp0}", "{mlp1}", "-m", "wm+sinkhorn", "-o", "lr=NaN"], "a number"),
+        (["merge", "{mlp0}", "{mlp1}", "-o", "history=3"], "a boolean"),
         (["align", "{mlp0}", "{mlp1}", "--data", "nosuchdata"], "nosuchdata"),
     ],
 )

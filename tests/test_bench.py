@@ -280,7 +280,15 @@ def test_bench_cli_prints_the_table_and_reports_a_broken_option(cli, zoo, aligne
 
 @pytest.mark.parametrize(
     "case",
-    ["missing-zoo", "other-arch", "unknown-method", "no-aligner", "bad-opt", "zero-pairs"],
+    [
+        "missing-zoo",
+        "other-arch",
+        "unknown-method",
+        "no-aligner",
+        "bad-opt",
+        "bad-value",
+        "zero-pairs",
+    ],
 )
 def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, aligner, tmp_path, case):
     other = tmp_path / "other-aligner"
@@ -292,6 +300,7 @@ def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, align
         "unknown-method": ["--zoo", zoo, "--aligner", aligner, "--methods", "wm,magic"],
         "no-aligner": ["--zoo", zoo, "--methods", "wm,deepalign+wm"],
         "bad-opt": ["--zoo", zoo, "--aligner", aligner, "-o", "sinkhorn-lr"],
+        "bad-value": ["--zoo", zoo, "--aligner", aligner, "-o", "deepalign+sinkhorn:lr=fast"],
         "zero-pairs": ["--zoo", zoo, "--aligner", aligner, "--pairs", "0"],
     }[case]
     out = tmp_path / "out"
@@ -305,6 +314,7 @@ def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, align
         "unknown-method": "magic",
         "no-aligner": "--aligner",
         "bad-opt": "METHOD:KEY=VALUE",
+        "bad-value": "method 'deepalign+sinkhorn': option lr='fast' must be a number",
         "zero-pairs": "--pairs",
     }[case]
     assert expect in lines[0]

@@ -321,6 +321,10 @@ def test_identity_method_changes_nothing():
         ("wm+am", {}, "needs data"),
         ("nope", {}, "unknown method"),
         ("wm", {"stepz": 3}, "unknown option"),
+        ("wm", {"max_sweeps": "7"}, "must be an integer"),
+        ("wm+sinkhorn", {"steps": True}, "must be an integer"),
+        ("sinkhorn", {"tau": float("inf")}, "must be a number"),
+        ("sinkhorn", {"loss": 2}, "must be a string"),
         ("wm+", {}, "empty name"),
     ],
 )

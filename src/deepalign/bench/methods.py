@@ -25,7 +25,7 @@ from deepalign.core.functional import unstack_state
 from deepalign.core.permutation import Permutation
 from deepalign.core.spec import PermutationSpec
 from deepalign.errors import DeepAlignError
-from deepalign.solvers.registry import align, resolve
+from deepalign.solvers.registry import align, check_options, resolve
 from deepalign.solvers.sinkhorn import sinkhorn_batch
 
 BATCHED = ("identity", "deepalign")
@@ -110,12 +110,10 @@ def warm_up(method: str, a: Mapping[str, Tensor], b: Mapping[str, Tensor], ctx: 
 
 def _check_options(rest: str, method: str, ctx: Context) -> None:
     """The user's options for ``method`` must suit some part of its solved chain ``rest``."""
-    user = set(ctx.options.get(method, {}))
-    parts = resolve(rest)
-    if user and all(m.options is not None for m in parts):
-        unknown = sorted(user - set().union(*[set(m.options or ()) for m in parts]))
-        if unknown:
-            raise DeepAlignError(f"method {method!r}: unknown option(s) {', '.join(unknown)}")
+    try:
+        check_options(rest, ctx.options.get(method, {}))
+    except DeepAlignError as exc:  # name the method as the user wrote it
+        raise DeepAlignError(str(exc).replace(f"method {rest!r}", f"method {method!r}")) from None
 
 
 def _solver_options(chain: str, method: str, ctx: Context, with_trajectory: bool) -> dict[str, Any]:

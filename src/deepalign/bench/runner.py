@@ -35,7 +35,7 @@ from deepalign.core import permutation as P
 from deepalign.core.functional import unstack_state
 from deepalign.errors import DeepAlignError
 from deepalign.solvers.objective import l2_distance, weight_inner
-from deepalign.solvers.registry import resolve
+from deepalign.solvers.registry import check_options, resolve
 from deepalign.zoo.loader import Zoo
 from deepalign.zoo.seeds import derive_seed
 
@@ -331,6 +331,8 @@ def run_bench(
     unknown = sorted(set(options) - set(method_list))
     if unknown:
         raise DeepAlignError(f"options given for methods not in the run: {', '.join(unknown)}")
+    for m, opts in options.items():
+        check_options(m, opts)  # names and value types, before any work
     out_path = check_out(out) if out is not None else None
     dev = torch.device(device)
     z = zoo if isinstance(zoo, Zoo) else Zoo(zoo)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +41,30 @@ class Method:
     fn: Solver
     options: tuple[str, ...] | None  # the keyword options it accepts (None: any)
     uses_data: bool = False  # reads data when given (e.g. sinkhorn's task loss)
+    # option -> (what a value must be: "number", "integer", "boolean" or "string"; None allowed)
+    kinds: Mapping[str, tuple[str, bool]] = field(default_factory=dict)
+
+
+def _kind(param: inspect.Parameter) -> tuple[str, bool] | None:
+    """What a user-given value of this option must be (from its default and annotation), and
+    whether None is allowed (only where None is the default)."""
+    default, note = param.default, str(param.annotation).replace(" ", "")
+    for kind, python in (("boolean", bool), ("integer", int), ("number", float), ("string", str)):
+        if isinstance(default, python) or note in (python.__name__, f"{python.__name__}|None"):
+            return kind, default is None
+    return None
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "integer":
+        return isinstance(value, int)
+    if kind == "number":
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, str)
 
 
 METHODS: dict[str, Method] = {}
@@ -60,8 +85,9 @@ def register(
             options = None
         else:
             options = tuple(n for n in params if n not in _STANDARD)
+        kinds = {n: k for n, p in params.items() if n not in _STANDARD and (k := _kind(p))}
         uses = needs_data if uses_data is None else uses_data
-        METHODS[name] = Method(name, needs_data, fn, options, uses or needs_data)
+        METHODS[name] = Method(name, needs_data, fn, options, uses or needs_data, kinds)
         return fn
 
     return wrap
@@ -117,6 +143,24 @@ def uses_data(method: str) -> bool:
     return any(m.uses_data for m in resolve(method))
 
 
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    """Every option must be taken by some part of ``method`` and have the type that part expects
+    (a number for ``lr``, an integer for ``steps``, ...); else one line naming it."""
+    parts = resolve(method)
+    if options and all(m.options is not None for m in parts):
+        unknown = sorted(set(options) - set().union(*[set(m.options or ()) for m in parts]))
+        if unknown:
+            raise DeepAlignError(f"method {method!r}: unknown option(s) {', '.join(unknown)}")
+    for key, value in options.items():
+        for m in parts:
+            kind, none_ok = m.kinds.get(key, ("", True))
+            if kind and not (value is None and none_ok) and not _fits(value, kind):
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise DeepAlignError(
+                    f"method {method!r}: option {key}={value!r} must be {article} {kind}"
+                )
+
+
 def _check_init(
     spec: PermutationSpec, init: Mapping[str, Tensor], device: torch.device
 ) -> Permutation:
@@ -163,11 +207,7 @@ def align(
         )
     spec.check(a, where="A")
     spec.check(b, where="B")
-    accepted = set().union(*[set(m.options or ()) for m in parts])
-    if all(m.options is not None for m in parts):
-        unknown = sorted(set(options) - accepted)
-        if unknown:
-            raise DeepAlignError(f"method {method!r}: unknown option(s) {', '.join(unknown)}")
+    check_options(method, options)
     device = next(iter(a.values())).device
     perm = None if init is None else _check_init(spec, init, device)
     infos = []
