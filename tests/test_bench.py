@@ -288,6 +288,7 @@ def test_bench_cli_prints_the_table_and_reports_a_broken_option(cli, zoo, aligne
         "bad-opt",
         "bad-value",
         "zero-pairs",
+        "negative-trajectory",
     ],
 )
 def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, aligner, tmp_path, case):
@@ -302,6 +303,7 @@ def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, align
         "bad-opt": ["--zoo", zoo, "--aligner", aligner, "-o", "sinkhorn-lr"],
         "bad-value": ["--zoo", zoo, "--aligner", aligner, "-o", "deepalign+sinkhorn:lr=fast"],
         "zero-pairs": ["--zoo", zoo, "--aligner", aligner, "--pairs", "0"],
+        "negative-trajectory": ["--zoo", zoo, "--aligner", aligner, "--trajectory-pairs", "-1"],
     }[case]
     out = tmp_path / "out"
     res = cli("bench", *args, "--out", out)
@@ -316,6 +318,7 @@ def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, align
         "bad-opt": "METHOD:KEY=VALUE",
         "bad-value": "method 'deepalign+sinkhorn': option lr='fast' must be a number",
         "zero-pairs": "--pairs",
+        "negative-trajectory": "--trajectory-pairs",
     }[case]
     assert expect in lines[0]
     assert not out.exists()

@@ -203,6 +203,7 @@ def test_batched_solver_lowers_every_pairs_loss():
         ("scores-groups", "init_scores must map"),
         ("b-shape", "B:"),
         ("tau", "tau > 0"),
+        ("noise", "noise >= 0"),
     ],
 )
 def test_batched_solver_rejects_bad_inputs_in_one_line(case, needle):
@@ -231,6 +232,8 @@ def test_batched_solver_rejects_bad_inputs_in_one_line(case, needle):
         b = {k: v[..., :-1] if v.dim() > 2 else v for k, v in b.items()}
     elif case == "tau":
         kw["tau"] = 0.0
+    elif case == "noise":
+        kw["noise"] = -0.5
     with pytest.raises(DeepAlignError) as err:
         sinkhorn_batch(a, b, spec, **kw)
     assert needle in str(err.value) and "\n" not in str(err.value)

@@ -113,6 +113,24 @@ def test_bad_inputs(zoo, tmp_path):
         load_pretrained(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+        (["--lr", "nan"], "--lr nan"),
+        (["--w-lmc", "nan"], "--w-lmc nan"),
+        (["--w-alignment", "-0.5"], "--w-alignment -0.5"),
+        (["--w-lmc", "0", "--w-alignment", "0", "--w-supervised", "0"], "every loss weight is 0"),
+    ],
+)
+def test_cli_train_refuses_bad_settings_in_one_line(zoo, tmp_path, cli, flags, needle):
+    out = tmp_path / "al"
+    res = cli("train", "--zoo", zoo, "--out", out, "--size", "tiny", "--epochs", "1", *flags)
+    assert res.code == 2 and needle in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err
+    assert not out.exists()
+
+
 def test_cli_train_and_align_with_the_aligner(zoo, tmp_path, cli):
     from deepalign.zoo.loader import Zoo as _Zoo
 

@@ -324,6 +324,8 @@ def run_bench(
         raise DeepAlignError(f"--sinkhorn-steps must be at least 1, got {sinkhorn_steps}")
     if data_examples <= 0 or (eval_examples is not None and eval_examples <= 0):
         raise DeepAlignError("--data-examples and --eval-examples must be positive")
+    if trajectory_pairs < 0:
+        raise DeepAlignError(f"--trajectory-pairs must be >= 0, got {trajectory_pairs}")
     if sinkhorn_chunk < 0:
         raise DeepAlignError(f"sinkhorn_chunk must be >= 0, got {sinkhorn_chunk}")
     method_list = parse_methods(methods)

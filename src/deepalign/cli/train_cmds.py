@@ -86,6 +86,7 @@ def train(
         w_lmc=w_lmc,
         seed=seed,
     )
+    cfg.validate()  # before the progress bar starts
     with progress() as bar:
         task = bar.add_task("epoch 1", total=None)
 

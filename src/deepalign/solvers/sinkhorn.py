@@ -227,8 +227,10 @@ def sinkhorn_batch(
         raise DeepAlignError(
             "sinkhorn: loss 'task' needs data and the model's architecture; pass --data NAME"
         )
-    if steps < 0 or tau <= 0 or lr <= 0 or sinkhorn_iters < 1:
-        raise DeepAlignError("sinkhorn: steps >= 0, tau > 0, lr > 0 and sinkhorn_iters >= 1 needed")
+    if steps < 0 or tau <= 0 or lr <= 0 or sinkhorn_iters < 1 or noise < 0:
+        raise DeepAlignError(
+            "sinkhorn: steps >= 0, tau > 0, lr > 0, sinkhorn_iters >= 1 and noise >= 0 needed"
+        )
     n_pairs = _check_batch(a, b, spec, init, pair_seeds, init_scores)
     seeds = [seed + i for i in range(n_pairs)] if pair_seeds is None else list(pair_seeds)
     device = next(iter(a.values())).device

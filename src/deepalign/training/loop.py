@@ -46,6 +46,46 @@ class TrainConfig:
     seed: int = 0
     augment: dict = field(default_factory=lambda: asdict(Augment()))
 
+    def validate(self) -> None:
+        """One-line errors for settings no run can use (named as the CLI flags)."""
+
+        def finite(x: float) -> bool:
+            return isinstance(x, int | float) and math.isfinite(x)
+
+        if not (finite(self.lr) and self.lr > 0):
+            raise DeepAlignError(f"--lr {self.lr}: must be a positive number")
+        weights = {
+            "--w-supervised": self.w_supervised,
+            "--w-alignment": self.w_alignment,
+            "--w-lmc": self.w_lmc,
+        }
+        for flag, w in weights.items():
+            if not (finite(w) and w >= 0):
+                raise DeepAlignError(f"{flag} {w}: loss weights must be finite and >= 0")
+        if not any(weights.values()):
+            raise DeepAlignError("every loss weight is 0: nothing to train")
+        if self.schedule not in ("cosine", "constant"):
+            raise DeepAlignError(
+                f"unknown learning-rate schedule {self.schedule!r} (cosine or constant)"
+            )
+        counts = {
+            "--epochs": self.epochs,
+            "--batch": self.batch,
+            "data batch": self.data_batch,
+            "validation pairs": self.val_pairs,
+        }
+        if self.steps_per_epoch is not None:
+            counts["--steps"] = self.steps_per_epoch
+        for flag, n in counts.items():
+            if not isinstance(n, int) or n < 1:
+                raise DeepAlignError(f"{flag} {n}: must be a positive integer")
+        if self.val_points < 2:
+            raise DeepAlignError(f"validation points {self.val_points}: need at least 2")
+        if not (finite(self.grad_clip) and self.grad_clip > 0):
+            raise DeepAlignError(f"gradient clip {self.grad_clip}: must be a positive number")
+        if not (finite(self.weight_decay) and self.weight_decay >= 0):
+            raise DeepAlignError(f"weight decay {self.weight_decay}: must be >= 0")
+
 
 def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
     """The learning rate at ``step`` of ``total``: cosine decay to 5% of ``cfg.lr``, or constant."""

@@ -114,6 +114,7 @@ def train_aligner(
 ) -> dict[str, Any]:
     """Train a Deep-Align aligner on ``zoo_path``'s train split; returns the final history row."""
     cfg = cfg or TrainConfig()
+    cfg.validate()
     model_config = model_config or DeepAlignConfig()
     device = torch.device(device)
     out = Path(out)
