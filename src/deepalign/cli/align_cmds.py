@@ -20,6 +20,7 @@ from deepalign.cli.common import (
     app,
     console,
     err_console,
+    progress,
     resolve_device,
     seed_everything,
     track,
@@ -232,11 +233,19 @@ def align(
 
 @app.command()
 def merge(
-    a: Path = typer.Argument(..., help="Checkpoint A."),
-    b: Path = typer.Argument(..., help="Checkpoint B (aligned to A before merging)."),
+    checkpoints: list[Path] = typer.Argument(
+        ...,
+        help="Checkpoints of one architecture: A and B (B aligned to A, then averaged), or three "
+        "or more (all aligned into the first one's basis, then averaged: MergeMany).",
+    ),
     out: Path = typer.Option(..., "--out", help="Where to write the merged checkpoint."),
     method: str = METHOD,
-    alpha: float = typer.Option(0.5, "--alpha", help="Weight of aligned B: (1-alpha)*A + alpha*B."),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="Two checkpoints: weight of aligned B, (1-alpha)*A + alpha*B [0.5]."
+    ),
+    passes: int = typer.Option(
+        10, "--passes", help="Three or more: at most this many passes over the networks."
+    ),
     data: str | None = DATA,
     data_dir: Path | None = DATA_DIR,
     bn_reset: bool = typer.Option(
@@ -250,33 +259,79 @@ def merge(
     seed: int = SEED,
     device: str = DEVICE,
 ) -> None:
-    """Align B to A, then average: (1 - alpha) * A + alpha * aligned B.
+    """Align, then average: (1 - alpha) * A + alpha * aligned B, or the mean of N aligned networks.
 
     Example: deepalign merge a.safetensors b.safetensors --method wm --alpha 0.5 --out merged.safetensors
+
+    Example: deepalign merge m1.safetensors m2.safetensors m3.safetensors --method wm --out merged.safetensors
     """
+    if len(checkpoints) < 2:
+        raise DeepAlignError("merge needs at least two checkpoints")
+    many = len(checkpoints) > 2
+    if many and alpha is not None:
+        raise DeepAlignError("--alpha applies to two checkpoints; three or more are averaged")
+    alpha = 0.5 if alpha is None else alpha
     if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
         raise DeepAlignError(f"--alpha {alpha}: must lie in [0, 1]")
+    if passes < 1:
+        raise DeepAlignError(f"--passes {passes}: must be at least 1")
     if bn_reset and data is None:
         raise DeepAlignError("--bn-reset needs training data: pass --data NAME")
     options = parse_options(opt)
     check_method(method, data, aligner)
     seed_everything(seed)
     from deepalign.lmc import interpolate, reset_bn_stats
+    from deepalign.lmc.merge_many import merge_many
+    from deepalign.solvers.registry import check_options
 
     with claim(out) as (tmp_out,):
-        pair = Pair([a, b], resolve_device(device))
+        pair = Pair(list(checkpoints), resolve_device(device))
         ds = load_data(data, "train", data_dir, pair) if data else None
-        perm, info = solve(pair, method, ds, seed, options, aligner)
-        merged = interpolate(pair.a, P.apply(pair.spec, perm, pair.b), alpha)
+        meta: dict[str, Any] = {
+            "merged_from": [str(c) for c in checkpoints],
+            "method": method,
+            "seed": seed,
+        }
+        if many:
+            if aligner is not None and "deepalign" in method:
+                options = {**options, "aligner": str(aligner)}
+            check_options(method, options)  # before the progress bar
+            with progress() as bar:
+                task = bar.add_task("aligning", total=(passes + 1) * len(checkpoints) - 1)
+                merged, _, info = merge_many(
+                    pair.states,
+                    pair.spec,
+                    method,
+                    module=pair.module,
+                    data=ds,
+                    seed=seed,
+                    max_passes=passes,
+                    on_step=lambda done, total: bar.update(task, completed=done),
+                    **options,
+                )
+                bar.update(task, total=bar.tasks[task].completed)
+            meta["passes"] = info["passes"]
+        else:
+            perm, info = solve(pair, method, ds, seed, options, aligner)
+            merged = interpolate(pair.a, P.apply(pair.spec, perm, pair.b), alpha)
+            meta["alpha"] = alpha
         if bn_reset and data is not None:
             net = pair.module
             net.load_state_dict(merged)
             reset_bn_stats(net, load_data(data, "train", data_dir, pair, bn_examples, seed))
             merged = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        meta = {"merged_from": [str(a), str(b)], "method": method, "alpha": alpha, "seed": seed}
         save_state(merged, tmp_out, pair.config, meta)
-    say(f"wrote {out}  (alpha {alpha} of aligned B)")
-    say(_summary(info))
+    if many:
+        last = info["history"][-1]
+        state = "converged" if info["converged"] else "stopped at --passes"
+        say(f"wrote {out}  (mean of {len(checkpoints)} networks in {checkpoints[0].name}'s basis)")
+        say(
+            f"method {method}: {info['passes']} pass(es), {state}; "
+            f"pairwise objective {last['objective']:.6g}"
+        )
+    else:
+        say(f"wrote {out}  (alpha {alpha} of aligned B)")
+        say(_summary(info))
 
 
 @app.command()
