@@ -58,6 +58,15 @@ def randomize_bn_stats(module: torch.nn.Module, seed: int = 0) -> None:
                 m.bias.data.copy_(torch.randn(m.num_features, generator=g))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs on one torch thread, and a test that changes it cannot leak the change."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path

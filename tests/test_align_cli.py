@@ -15,14 +15,6 @@ from deepalign.data import load
 from deepalign.lmc import barrier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _train(model: torch.nn.Module, seed: int, steps: int = 200) -> torch.nn.Module:
     ds = load("digits")
     g = torch.Generator().manual_seed(seed)

@@ -26,14 +26,6 @@ TINY = DeepAlignConfig(**MODEL_SIZES["tiny"])
 POINTS = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _untrained_aligner(config: dict, folder) -> None:
     torch.manual_seed(0)
     model = DeepAlign(WeightSpaceLayout.from_config(config), TINY)

@@ -24,14 +24,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def small_zoo(tmp_path, cli):
     out = tmp_path / "zoo"

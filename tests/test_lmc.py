@@ -21,14 +21,6 @@ from deepalign.lmc import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_parabola_bump_over_a_sloped_chord():
     lam = torch.linspace(0, 1, 101, dtype=torch.float64)
     h, l0, l1 = 0.8, 2.0, 1.0

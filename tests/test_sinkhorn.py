@@ -24,14 +24,6 @@ from deepalign.solvers.sinkhorn import (
 from deepalign.zoo.seeds import derive_seed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # -- Sinkhorn on scaling vectors ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("shape", "scale", "iters"),

@@ -16,16 +16,6 @@ from deepalign.solvers import align
 from deepalign.solvers.objective import l2_distance, weight_inner
 from deepalign.solvers.wm import Scores
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a shared machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 ARCHS = {
     "mlp": (lambda: da.mlp([64, 24, 20, 10], flatten_input=True), (1, 8, 8)),
     "cnn": (lambda: da.cnn(3, [6, 8, 10], 5, 8), (3, 8, 8)),

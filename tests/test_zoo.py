@@ -23,15 +23,6 @@ from deepalign.zoo.train import Adam
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batched ops run far faster on one thread on a shared machine (no result depends on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(task="mlp-digits", n=10, **kw):
     defaults = {"mlp-digits": dict(hidden=[8, 8], epochs=2, shard_size=4)}.get(task, {})
     return make_plan(task, n, **{**defaults, **kw})
