@@ -189,9 +189,9 @@ def _per_pair_stage(
     init_scores: Mapping[str, Tensor] | None,
     tell: Callable[[int], None],
 ) -> _Stage:
-    uses_data = any(m.uses_data for m in resolve(chain))
-    first = resolve(chain)[0]
-    soft = init_scores is not None and first.options is not None and "init_scores" in first.options
+    parts = resolve(chain)
+    uses_data = any(m.uses_data for m in parts)
+    soft = init_scores is not None and "init_scores" in (parts[0].options or ())
     n = next(iter(a.values())).shape[0]
     out = _Stage({}, [], [], [])
     perms: list[Permutation] = []

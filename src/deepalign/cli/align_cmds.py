@@ -148,6 +148,13 @@ def check_method(method: str, data: str | None, aligner: Path | None) -> None:
         raise DeepAlignError(f"method {method!r} needs data: pass --data NAME (e.g. --data digits)")
 
 
+def with_aligner(method: str, options: dict[str, Any], aligner: Path | None) -> dict[str, Any]:
+    """The solver options plus ``--aligner`` when a part of ``method`` is a Deep-Align method."""
+    if aligner is not None and any(p.strip().startswith("deepalign") for p in method.split("+")):
+        return {**options, "aligner": str(aligner)}
+    return dict(options)
+
+
 def solve(
     pair: Pair,
     method: str,
@@ -161,9 +168,7 @@ def solve(
     """Run the method on the pair (or on the given states of its architecture)."""
     from deepalign.solvers.registry import align
 
-    opts = dict(options)
-    if aligner is not None and any(p.strip().startswith("deepalign") for p in method.split("+")):
-        opts["aligner"] = str(aligner)
+    opts = with_aligner(method, options, aligner)
     return align(
         pair.a if a is None else a,
         pair.b if b is None else b,
@@ -293,8 +298,7 @@ def merge(
             "seed": seed,
         }
         if many:
-            if aligner is not None and "deepalign" in method:
-                options = {**options, "aligner": str(aligner)}
+            options = with_aligner(method, options, aligner)
             check_options(method, options)  # before the progress bar
             with progress() as bar:
                 task = bar.add_task("aligning", total=(passes + 1) * len(checkpoints) - 1)

@@ -64,10 +64,11 @@ def merge_many(
     """The mean of ``states`` after aligning them all into ``states[0]``'s basis.
 
     Returns the merged state, one permutation per network (``perms[0]`` is the identity;
-    ``apply(spec, perms[i], states[i])`` is network i in the merged basis, network 0's) and an info dict:
-    ``passes``, ``converged`` (the last pass changed nothing), ``history`` (the star start, then
-    each pass: networks whose permutation changed, and the pairwise objective after it). ``seed`` seeds the order of
-    each pass and each alignment; ``on_step(done, total)`` reports alignments as they finish.
+    ``apply(spec, perms[i], states[i])`` is network i in the merged basis, network 0's) and an
+    info dict: ``passes``, ``converged`` (the last pass changed nothing), ``history`` (the star
+    start, then each pass: networks whose permutation changed, and the pairwise objective after
+    it). ``seed`` seeds the order of each pass and each alignment; ``on_step(done, total)``
+    reports alignments as they finish.
     """
     if len(states) < 2:
         raise DeepAlignError(f"merging needs at least 2 networks, got {len(states)}")
@@ -81,44 +82,36 @@ def merge_many(
     aligned = list(originals)
     history: list[dict[str, Any]] = []
     n, changed = len(states), -1
-    total = (n - 1) + max_passes * n
-    for i in range(1, n):  # the star start: each network aligned to network 0 by the method alone
+    total, done = (n - 1) + max_passes * n, 0
+
+    def realign(i: int, target: StateDict, init: Permutation | None, tag: tuple) -> None:
+        nonlocal done
         perms[i], _ = align(
-            originals[0],
+            target,
             originals[i],
             spec,
             method,
             module=module,
             data=data,
-            seed=derive_seed(seed, "merge-start", i),
+            init=init,
+            seed=derive_seed(seed, *tag, i),
             **options,
         )
         aligned[i] = P.apply(spec, perms[i], originals[i])
+        done += 1
         if on_step is not None:
-            on_step(i, total)
+            on_step(done, total)
+
+    for i in range(1, n):  # the star start: each network aligned to network 0 by the method alone
+        realign(i, originals[0], None, ("merge-start",))
     history.append({"changed": n - 1, "objective": pairwise_objective(aligned, spec)})
     for p in range(max_passes):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + p))
         changed = 0
-        for step, i in enumerate(order.tolist()):
-            others = mean_state([aligned[j] for j in range(n) if j != i])
-            perm, _ = align(
-                others,
-                originals[i],
-                spec,
-                method,
-                module=module,
-                data=data,
-                init=perms[i],
-                seed=derive_seed(seed, "merge", p, i),
-                **options,
-            )
-            if any(not torch.equal(perm[g], perms[i][g]) for g in perm):
-                changed += 1
-            perms[i] = perm
-            aligned[i] = P.apply(spec, perm, originals[i])
-            if on_step is not None:
-                on_step((n - 1) + p * n + step + 1, total)
+        for i in order.tolist():
+            before = perms[i]
+            realign(i, mean_state([aligned[j] for j in range(n) if j != i]), before, ("merge", p))
+            changed += any(not torch.equal(perms[i][g], before[g]) for g in before)
         history.append({"changed": changed, "objective": pairwise_objective(aligned, spec)})
         if changed == 0:
             break
