@@ -70,8 +70,8 @@ def run_case(case: dict, repeats: int, threads: int, wm_pairs: int) -> dict:
     """One case, measured in this (fresh) process."""
     from deepalign.core import arch
     from deepalign.core.functional import stack_states, unstack_state
-    from deepalign.core.weight_space import WeightSpaceLayout
     from deepalign.nn.model import DeepAlign, DeepAlignConfig
+    from deepalign.nn.weight_space import WeightSpaceLayout
     from deepalign.solvers.assignment import linear_assignment
     from deepalign.solvers.wm import weight_matching
 

@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from deepalign.nn.aligner_method import align_batch
+from deepalign.nn import DeepAlign
 from deepalign.solvers import align
 from deepalign.zoo import Zoo
 
@@ -30,7 +30,7 @@ def main() -> None:
     idx = zoo.indices("test")
     n = min(args.pairs, len(idx) // 2)
     a, b = zoo.load(idx[:n]), zoo.load(idx[n : 2 * n])
-    init = align_batch(args.aligner, a, b)
+    init = DeepAlign.from_pretrained(args.aligner).align(a, b)
     rows: dict[str, list[tuple[int, int, float]]] = {"identity": [], "forward": [], "deepalign": []}
     for i in range(n):
         ai, bi = {k: v[i] for k, v in a.items()}, {k: v[i] for k, v in b.items()}

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from deepalign.lmc.merge_many import mean_state, merge_many
+from deepalign.solvers.merge_many import mean_state, merge_many
 from deepalign.zoo import Zoo
 
 

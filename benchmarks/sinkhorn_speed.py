@@ -31,7 +31,7 @@ from torch.func import functional_call
 from deepalign.bench.pairs import candidate_pairs, draw_pairs
 from deepalign.core.functional import unstack_state
 from deepalign.core.permutation import apply, apply_soft
-from deepalign.lmc.batches import labelled_batches
+from deepalign.data.batches import labelled_batches
 from deepalign.lmc.curves import lmc_curves
 from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
 from deepalign.solvers.objective import cost_keys

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 
 from deepalign.bench import DEFAULT_METHODS, OUTPUTS, run_bench
 from deepalign.core import arch
-from deepalign.core.weight_space import WeightSpaceLayout
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
-from deepalign.nn.pretrained import save_pretrained
 from deepalign.nn.sizes import MODEL_SIZES
+from deepalign.nn.weight_space import WeightSpaceLayout
 from deepalign.zoo.build import build_zoo
 from deepalign.zoo.loader import Zoo
 from deepalign.zoo.plan import make_plan
@@ -29,7 +28,7 @@ POINTS = 5
 def _untrained_aligner(config: dict, folder) -> None:
     torch.manual_seed(0)
     model = DeepAlign(WeightSpaceLayout.from_config(config), TINY)
-    save_pretrained(model, folder, config)
+    model.save_pretrained(folder, config)
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +176,9 @@ def test_deepalign_chains_start_from_the_batched_answer(bench):
 def test_sinkhorn_stages_run_batched_in_chunks_from_the_previous_answer(zoo):
     """wm+sinkhorn: WM pair by pair, then Sinkhorn on chunks of pairs started from WM's answers; a
     chunk's data order is its first pair's seed, so that pair equals the per-pair solver's answer."""
-    from deepalign.bench.methods import Context, run_method
+    from deepalign.bench.runs import Context, run_method
     from deepalign.core.functional import unstack_state
-    from deepalign.solvers.registry import align
+    from deepalign.solvers import align
     from deepalign.solvers.sinkhorn import sinkhorn_batch
 
     z = Zoo(zoo)
@@ -204,7 +203,7 @@ def test_sinkhorn_stages_run_batched_in_chunks_from_the_previous_answer(zoo):
         for i in range(s, e):  # step 0 of the trajectory is WM's answer
             assert all(torch.equal(run.trajectories[i][0][1][g], init[g][i]) for g in init)
     per_pair = run_method("wm+sinkhorn", a, b, dataclasses.replace(ctx, sinkhorn_chunk=0), seeds)
-    assert per_pair.timing == "per pair"
+    assert per_pair.timing == "per pair + per pair"
     for i in (0, 2):  # the first pair of each chunk
         assert all(torch.equal(per_pair.perm[g][i], run.perm[g][i]) for g in z.spec.groups)
 

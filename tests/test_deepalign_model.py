@@ -7,9 +7,9 @@ import torch
 
 from deepalign.core import arch
 from deepalign.core.permutation import apply, apply_soft, invert, is_permutation, random_permutation
-from deepalign.core.weight_space import WeightSpaceLayout
 from deepalign.errors import DeepAlignError
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
+from deepalign.nn.weight_space import WeightSpaceLayout
 from deepalign.solvers.assignment import linear_assignment
 
 torch.set_num_threads(1)

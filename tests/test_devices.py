@@ -15,11 +15,11 @@ import torch
 from deepalign.core import permutation as P
 from deepalign.core.arch import build
 from deepalign.core.checkpoint import load_state
-from deepalign.core.weight_space import WeightSpaceLayout
 from deepalign.data import load
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
 from deepalign.nn.sizes import MODEL_SIZES
-from deepalign.solvers.registry import align
+from deepalign.nn.weight_space import WeightSpaceLayout
+from deepalign.solvers import align
 from deepalign.zoo import Zoo, build_zoo, make_plan
 from deepalign.zoo.build import task_data, train_shard
 

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from deepalign.core.weight_space import permute_view
 from deepalign.nn.dws import DWSEncoder, DWSLayer, slot_axes
 from deepalign.nn.set_layers import pool
+from deepalign.nn.weight_space import permute_view
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ import torch
 import deepalign as da
 from deepalign.core import permutation as P
 from deepalign.errors import DeepAlignError
-from deepalign.lmc.merge_many import mean_state, merge_many, pairwise_objective
+from deepalign.solvers.merge_many import mean_state, merge_many, pairwise_objective
 
 
 def _nets(n: int, seed: int = 0):

@@ -12,6 +12,7 @@ from torch.func import functional_call
 import deepalign as da
 from deepalign.core import permutation as P
 from deepalign.core.functional import stack_states
+from deepalign.core.seeds import derive_seed
 from deepalign.errors import DeepAlignError
 from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
 from deepalign.solvers.objective import cost_keys
@@ -21,7 +22,6 @@ from deepalign.solvers.sinkhorn import (
     sinkhorn_matrices,
     sinkhorn_rebasin,
 )
-from deepalign.zoo.seeds import derive_seed
 
 
 # -- Sinkhorn on scaling vectors ---------------------------------------------------------------------
@@ -267,7 +267,8 @@ def test_soft_scores_are_the_start_and_replace_the_hard_prior():
 def test_a_chain_hands_a_stages_soft_scores_to_sinkhorn():
     """A stage that reports NEXT_SCORES starts the next Sinkhorn from them (not from its hard
     answer); a method without the option just gets the permutation."""
-    from deepalign.solvers import registry
+    from deepalign.solvers import align, registry
+    from deepalign.solvers.method import NEXT_SCORES, Method
 
     _, spec, a_list, b_list = _models(1, seed=3)
     gen = torch.Generator().manual_seed(1)
@@ -275,16 +276,14 @@ def test_a_chain_hands_a_stages_soft_scores_to_sinkhorn():
 
     def soft_identity(a, b, spec, *, module=None, data=None, init=None, seed=0):
         perm = {g: torch.arange(n) for g, n in spec.groups.items()}
-        return perm, {registry.NEXT_SCORES: scores}
+        return perm, {NEXT_SCORES: scores}
 
-    registry.register("soft_identity_for_test")(soft_identity)
+    registry.add(Method("soft_identity_for_test", soft_identity))
     try:
-        perm, info = registry.align(
-            a_list[0], b_list[0], spec, "soft_identity_for_test+sinkhorn", steps=0
-        )
+        perm, info = align(a_list[0], b_list[0], spec, "soft_identity_for_test+sinkhorn", steps=0)
         assert all(torch.equal(perm[g], linear_assignment(q)) for g, q in scores.items())
-        assert registry.NEXT_SCORES not in info["parts"][0]
-        perm, _ = registry.align(a_list[0], b_list[0], spec, "soft_identity_for_test+wm")
+        assert NEXT_SCORES not in info["parts"][0]
+        perm, _ = align(a_list[0], b_list[0], spec, "soft_identity_for_test+wm")
         assert set(perm) == set(spec.groups)
     finally:
         registry.METHODS.pop("soft_identity_for_test")

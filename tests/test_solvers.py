@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
@@ -332,13 +330,9 @@ def test_mismatched_state_is_rejected():
         align(a, other, spec, "wm")
 
 
-def test_deepalign_methods_load_lazily():
+def test_deepalign_needs_a_loaded_aligner():
     _, spec, a, b = _pair()
-    if importlib.util.find_spec("deepalign.nn.aligner_method") is None:
-        with pytest.raises(DeepAlignError, match=r"needs a trained aligner \(--aligner DIR\)"):
-            align(a, b, spec, "deepalign")
-    else:
-        from deepalign.solvers.registry import METHODS, resolve
-
-        resolve("deepalign")
-        assert "deepalign" in METHODS
+    with pytest.raises(DeepAlignError, match=r"needs a trained aligner"):
+        align(a, b, spec, "deepalign")
+    with pytest.raises(DeepAlignError, match=r"pass a loaded aligner"):
+        align(a, b, spec, "deepalign+wm", aligner="some/folder")

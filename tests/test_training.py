@@ -9,8 +9,7 @@ import torch
 
 from deepalign.core import permutation as P
 from deepalign.errors import DeepAlignError
-from deepalign.nn.model import DeepAlignConfig
-from deepalign.nn.pretrained import load_pretrained
+from deepalign.nn.model import DeepAlign, DeepAlignConfig
 from deepalign.nn.sizes import MODEL_SIZES
 from deepalign.training.loop import TrainConfig
 from deepalign.training.trainer import train_aligner
@@ -49,7 +48,7 @@ def test_training_writes_an_aligner_that_loads_and_aligns(zoo, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all({"val_barrier", "val_perm_accuracy"} <= set(r) for r in rows)
-    model = load_pretrained(out)
+    model = DeepAlign.from_pretrained(out)
     z = Zoo(zoo)
     a = z.load(z.indices("test")[:2])
     t = P.random_permutation(z.spec, seed=3, batch=2)
@@ -57,7 +56,7 @@ def test_training_writes_an_aligner_that_loads_and_aligns(zoo, tmp_path):
     perm = model.align(a, b)
     # Prop. 5: a planted permutation of the same network is recovered exactly, trained or not.
     assert all(torch.equal(perm[g], P.invert(t)[g]) for g in perm)
-    again = load_pretrained(out)
+    again = DeepAlign.from_pretrained(out)
     sa, sb = model(a, b), again(a, b)
     assert all(torch.equal(sa[g], sb[g]) for g in sa)
 
@@ -108,9 +107,9 @@ def test_bad_inputs(zoo, tmp_path):
         train_aligner(zoo, out, TINY, _cfg(2), resume=True)
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(DeepAlignError, match="safetensors"):
-        load_pretrained(out)
+        DeepAlign.from_pretrained(out)
     with pytest.raises(DeepAlignError, match="aligner"):
-        load_pretrained(tmp_path / "nothing")
+        DeepAlign.from_pretrained(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize(
@@ -208,7 +207,7 @@ def test_inr_zoo_trains_on_two_views_of_one_target(tmp_path):
     train_aligner(path, out, TINY, _cfg(1))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["val_barrier"] >= 0 and rows[0]["train"]["lmc"] > 0
-    model = load_pretrained(out)
+    model = DeepAlign.from_pretrained(out)
     z = Zoo(path)
     a = z.load(z.indices("test")[:2])
     t = P.random_permutation(z.spec, seed=1, batch=2)

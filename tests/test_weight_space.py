@@ -9,8 +9,8 @@ from torch import nn
 from deepalign.core import arch
 from deepalign.core.functional import stack_states
 from deepalign.core.permutation import apply, random_permutation
-from deepalign.core.weight_space import WeightSpaceLayout, boundary_perms, permute_view
 from deepalign.errors import DeepAlignError
+from deepalign.nn.weight_space import WeightSpaceLayout, boundary_perms, permute_view
 
 
 def random_stack(module: nn.Module, n: int, seed: int = 0) -> dict[str, torch.Tensor]:

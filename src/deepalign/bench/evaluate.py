@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepalign.core.seeds import derive_seed
 from deepalign.lmc.curves import has_batchnorm, lmc_curve, lmc_curves
 from deepalign.lmc.metrics import auc, barrier
 from deepalign.zoo.loader import Zoo
-from deepalign.zoo.seeds import derive_seed
 
 
 @dataclass

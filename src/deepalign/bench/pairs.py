@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from deepalign.core.seeds import derive_seed
 from deepalign.errors import DeepAlignError
 from deepalign.zoo.loader import Zoo
-from deepalign.zoo.seeds import derive_seed
 
 Pair = tuple[int, int]
 

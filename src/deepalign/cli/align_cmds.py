@@ -1,183 +1,67 @@
-"""`deepalign align`, `merge`, `lmc` and `similarity`: the classic solvers on checkpoints."""
+"""`deepalign align`, `merge`, `lmc` and `similarity`: every method on checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import typer
-from torch import nn
 
 from deepalign.cli.common import (
+    ALIGNER,
+    DATA,
+    DATA_DIR,
     DEVICE,
+    METHOD,
+    OPTS,
     SEED,
+    Checkpoints,
     app,
-    console,
+    check_method,
+    claim,
     err_console,
+    load_aligner,
+    load_data,
+    parse_options,
     progress,
     resolve_device,
+    say,
     seed_everything,
     track,
 )
-from deepalign.cli.core_cmds import load_checkpoint
 from deepalign.core import permutation as P
 from deepalign.core.checkpoint import save_state
-from deepalign.core.io import atomic_path
-from deepalign.core.spec import PermutationSpec, StateDict
+from deepalign.core.spec import StateDict
 from deepalign.errors import DeepAlignError
-
-METHOD = typer.Option(
-    "wm",
-    "--method",
-    "-m",
-    help="identity, wm, am (needs --data), sinkhorn, deepalign (needs --aligner), or a chain "
-    "such as wm+sinkhorn (the first answer starts the second).",
-)
-DATA = typer.Option(
-    None,
-    "--data",
-    help="Data set for methods that use data: digits, fashion-mnist, mnist, cifar10.",
-)
-DATA_DIR = typer.Option(None, "--data-dir", help="Folder holding the data set's files.")
-OPTS = typer.Option(
-    [], "--opt", "-o", help="Method option KEY=VALUE, repeatable (e.g. -o steps=500 -o lr=0.05)."
-)
-ALIGNER = typer.Option(None, "--aligner", help="Trained Deep-Align folder (methods deepalign*).")
-
-
-class Pair:
-    """Checkpoints of one architecture on one device: ``states[0]`` is A, ``states[1]`` is B."""
-
-    def __init__(self, paths: list[Path], device: torch.device) -> None:
-        state, config, module, spec, _ = load_checkpoint(paths[0])
-        self.states = [{k: v.to(device) for k, v in state.items()}]
-        for p in paths[1:]:
-            other, other_config, _, _, _ = load_checkpoint(p)
-            if other_config != config:
-                raise DeepAlignError(
-                    f"{paths[0]} and {p} have different architectures; both must be the same"
-                )
-            self.states.append({k: v.to(device) for k, v in other.items()})
-        self.paths = list(paths)
-        self.config: dict = config
-        self.module: nn.Module = module.to(device)
-        self.spec: PermutationSpec = spec
-        self.device = device
-
-    @property
-    def a(self) -> StateDict:
-        return self.states[0]
-
-    @property
-    def b(self) -> StateDict:
-        return self.states[1]
-
-
-@contextlib.contextmanager
-def claim(*paths: Path | None) -> Iterator[list[Path | None]]:
-    """Temporary files for every output, claimed before any work: all are written or none."""
-    with contextlib.ExitStack() as stack:
-        yield [None if p is None else stack.enter_context(atomic_path(p)) for p in paths]
-
-
-def say(text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings to a dict; values are JSON when they parse, else strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise DeepAlignError(f"--opt {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
-def fit_data(ds: Any, pair: Pair) -> Any:
-    """``ds`` as the model reads it: images as they are, or flattened for MLPs without Flatten."""
-    ds = ds.to(pair.device)
-    for candidate in (ds, (ds.x.flatten(1), ds.y)):
-        x = candidate.x if candidate is ds else candidate[0]
-        try:
-            with torch.no_grad():
-                pair.module(x[:2])
-            return candidate
-        except RuntimeError:
-            continue
-    raise DeepAlignError(
-        f"data set {ds.name} (images {tuple(ds.x.shape[1:])}) does not fit the model in {pair.paths[0]}"
-    )
-
-
-def load_data(
-    name: str,
-    split: str,
-    data_dir: Path | None,
-    pair: Pair,
-    examples: int | None = None,
-    seed: int = 0,
-) -> Any:
-    """Split ``split`` of data set ``name`` (a seeded subset of ``examples`` when given), fitted."""
-    from deepalign.data import load
-
-    ds = load(name, split=split, data_dir=data_dir)
-    if examples is not None and examples < len(ds):
-        ds = ds.subset(examples, seed=seed)
-    return fit_data(ds, pair)
-
-
-def check_method(method: str, data: str | None, aligner: Path | None) -> None:
-    """Fail early (before any work or file) on an unknown method or missing data."""
-    from deepalign.solvers.registry import needs_data, resolve
-
-    if any(p.strip().startswith("deepalign") for p in method.split("+")) and aligner is None:
-        raise DeepAlignError(f"method {method!r} needs a trained aligner (--aligner DIR)")
-    resolve(method)
-    if data is None and needs_data(method):
-        raise DeepAlignError(f"method {method!r} needs data: pass --data NAME (e.g. --data digits)")
-
-
-def with_aligner(method: str, options: dict[str, Any], aligner: Path | None) -> dict[str, Any]:
-    """The solver options plus ``--aligner`` when a part of ``method`` is a Deep-Align method."""
-    if aligner is not None and any(p.strip().startswith("deepalign") for p in method.split("+")):
-        return {**options, "aligner": str(aligner)}
-    return dict(options)
 
 
 def solve(
-    pair: Pair,
-    method: str,
+    nets: Checkpoints,
+    chain: Any,
     data: Any,
     seed: int,
     options: dict[str, Any],
-    aligner: Path | None = None,
+    aligner: Any,
     a: StateDict | None = None,
     b: StateDict | None = None,
 ) -> tuple[P.Permutation, dict[str, Any]]:
-    """Run the method on the pair (or on the given states of its architecture)."""
-    from deepalign.solvers.registry import align
+    """Run the method on A and B (or on the given states of their architecture)."""
+    from deepalign.solvers import align
 
-    opts = with_aligner(method, options, aligner)
     return align(
-        pair.a if a is None else a,
-        pair.b if b is None else b,
-        pair.spec,
-        method,
-        module=pair.module,
+        nets.a if a is None else a,
+        nets.b if b is None else b,
+        nets.spec,
+        chain,
+        module=nets.module,
         data=data,
         seed=seed,
-        **opts,
+        aligner=aligner,
+        **options,
     )
 
 
@@ -214,13 +98,13 @@ def align(
     Example: deepalign align a.safetensors b.safetensors --method wm --out b_aligned.safetensors
     """
     options = parse_options(opt)
-    check_method(method, data, aligner)
+    chain = check_method(method, data, aligner, options)
     seed_everything(seed)
     with claim(out, perm_out) as (tmp_out, tmp_perm):
-        pair = Pair([a, b], resolve_device(device))
-        ds = load_data(data, "train", data_dir, pair) if data else None
-        perm, info = solve(pair, method, ds, seed, options, aligner)
-        aligned = P.apply(pair.spec, perm, pair.b)
+        nets = Checkpoints([a, b], resolve_device(device))
+        ds = load_data(data, "train", data_dir, nets) if data else None
+        perm, info = solve(nets, chain, ds, seed, options, load_aligner(chain, aligner, nets))
+        aligned = P.apply(nets.spec, perm, nets.b)
         meta = {
             "aligned_to": str(a),
             "aligned_from": str(b),
@@ -229,7 +113,7 @@ def align(
             "objective": info["objective"],
             "l2": info["l2"],
         }
-        save_state(aligned, tmp_out, pair.config, meta)
+        save_state(aligned, tmp_out, nets.config, meta)
         if tmp_perm is not None:
             P.save_json(perm, tmp_perm)
     say(f"wrote {out}" + (f" and {perm_out}" if perm_out else ""))
@@ -283,48 +167,47 @@ def merge(
     if bn_reset and data is None:
         raise DeepAlignError("--bn-reset needs training data: pass --data NAME")
     options = parse_options(opt)
-    check_method(method, data, aligner)
+    chain = check_method(method, data, aligner, options)
     seed_everything(seed)
     from deepalign.lmc import interpolate, reset_bn_stats
-    from deepalign.lmc.merge_many import merge_many
-    from deepalign.solvers.registry import check_options
+    from deepalign.solvers.merge_many import merge_many
 
     with claim(out) as (tmp_out,):
-        pair = Pair(list(checkpoints), resolve_device(device))
-        ds = load_data(data, "train", data_dir, pair) if data else None
+        nets = Checkpoints(list(checkpoints), resolve_device(device))
+        ds = load_data(data, "train", data_dir, nets) if data else None
+        model = load_aligner(chain, aligner, nets)
         meta: dict[str, Any] = {
             "merged_from": [str(c) for c in checkpoints],
             "method": method,
             "seed": seed,
         }
         if many:
-            options = with_aligner(method, options, aligner)
-            check_options(method, options)  # before the progress bar
             with progress() as bar:
                 task = bar.add_task("aligning", total=(passes + 1) * len(checkpoints) - 1)
                 merged, _, info = merge_many(
-                    pair.states,
-                    pair.spec,
-                    method,
-                    module=pair.module,
+                    nets.states,
+                    nets.spec,
+                    chain,
+                    module=nets.module,
                     data=ds,
                     seed=seed,
                     max_passes=passes,
                     on_step=lambda done, total: bar.update(task, completed=done),
+                    aligner=model,
                     **options,
                 )
                 bar.update(task, total=bar.tasks[task].completed)
             meta["passes"] = info["passes"]
         else:
-            perm, info = solve(pair, method, ds, seed, options, aligner)
-            merged = interpolate(pair.a, P.apply(pair.spec, perm, pair.b), alpha)
+            perm, info = solve(nets, chain, ds, seed, options, model)
+            merged = interpolate(nets.a, P.apply(nets.spec, perm, nets.b), alpha)
             meta["alpha"] = alpha
         if bn_reset and data is not None:
-            net = pair.module
+            net = nets.module
             net.load_state_dict(merged)
-            reset_bn_stats(net, load_data(data, "train", data_dir, pair, bn_examples, seed))
+            reset_bn_stats(net, load_data(data, "train", data_dir, nets, bn_examples, seed))
             merged = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        save_state(merged, tmp_out, pair.config, meta)
+        save_state(merged, tmp_out, nets.config, meta)
     if many:
         last = info["history"][-1]
         state = "converged" if info["converged"] else "stopped at --passes"
@@ -371,29 +254,28 @@ def lmc(
     if points < 2:
         raise DeepAlignError(f"--points {points}: need at least 2")
     options = parse_options(opt)
-    check_method(method, data, aligner)
+    chain = check_method(method, data, aligner, options)
     seed_everything(seed)
     from deepalign.lmc import has_batchnorm, lmc_curve
-    from deepalign.solvers.registry import uses_data
 
     with claim(json_out, plot) as (tmp_json, tmp_plot):
-        pair = Pair([a, b], resolve_device(device))
-        test = load_data(data, "test", data_dir, pair)
-        train = load_data(data, "train", data_dir, pair) if uses_data(method) else None
-        reset = load_data(data, "train", data_dir, pair, bn_examples, seed) if bn_reset else None
-        if has_batchnorm(pair.module) and not bn_reset:
+        nets = Checkpoints([a, b], resolve_device(device))
+        test = load_data(data, "test", data_dir, nets)
+        train = load_data(data, "train", data_dir, nets) if chain.uses_data else None
+        reset = load_data(data, "train", data_dir, nets, bn_examples, seed) if bn_reset else None
+        if has_batchnorm(nets.module) and not bn_reset:
             err_console.print(
                 "note: the model has BatchNorm; --bn-reset recomputes its statistics at each lambda",
                 markup=False,
                 highlight=False,
                 soft_wrap=True,
             )
-        perm, info = solve(pair, method, train, seed, options, aligner)
-        aligned_b = P.apply(pair.spec, perm, pair.b)
+        perm, info = solve(nets, chain, train, seed, options, load_aligner(chain, aligner, nets))
+        aligned_b = P.apply(nets.spec, perm, nets.b)
         t0 = time.perf_counter()
         kw: dict[str, Any] = {"bn_reset": reset, "batch_size": batch_size}
-        curve = lmc_curve(pair.module, pair.a, aligned_b, test, points, **kw)
-        naive = lmc_curve(pair.module, pair.a, pair.b, test, points, **kw)
+        curve = lmc_curve(nets.module, nets.a, aligned_b, test, points, **kw)
+        naive = lmc_curve(nets.module, nets.a, nets.b, test, points, **kw)
         result = {
             "a": str(a),
             "b": str(b),
@@ -451,18 +333,19 @@ def similarity(
     if len(checkpoints) < 2:
         raise DeepAlignError("similarity needs at least two checkpoints")
     options = parse_options(opt)
-    check_method(method, data, aligner)
+    chain = check_method(method, data, aligner, options)
     seed_everything(seed)
     with claim(json_out) as (tmp_json,):
-        pair = Pair(list(checkpoints), resolve_device(device))
-        states = pair.states
-        ds = load_data(data, "train", data_dir, pair) if data else None
+        nets = Checkpoints(list(checkpoints), resolve_device(device))
+        states = nets.states
+        ds = load_data(data, "train", data_dir, nets) if data else None
+        model = load_aligner(chain, aligner, nets)
         n = len(states)
         before = [[0.0] * n for _ in range(n)]
         after = [[0.0] * n for _ in range(n)]
         jobs = [(i, j) for i in range(n) for j in range(i + 1, n)]
         for i, j in track(jobs, "aligning pairs"):
-            _, info = solve(pair, method, ds, seed, options, aligner, a=states[i], b=states[j])
+            _, info = solve(nets, chain, ds, seed, options, model, a=states[i], b=states[j])
             before[i][j] = before[j][i] = info["l2_before"]
             after[i][j] = after[j][i] = info["l2"]
         if tmp_json is not None:

@@ -47,6 +47,22 @@ def _guess_image_size(module: torch.nn.Module, channels: int) -> int:
     raise DeepAlignError("could not infer the input image size of this conv net")
 
 
+def inspect_dir(path: Path, as_json: bool) -> None:
+    """`inspect` on a folder: a zoo or an aligner, described by the module that owns it."""
+    if (path / "manifest.json").is_file():
+        from deepalign.cli.zoo_cmds import describe_zoo
+
+        describe_zoo(path, as_json)
+    elif (path / "config.json").is_file():
+        from deepalign.cli.train_cmds import describe_aligner
+
+        describe_aligner(path, as_json)
+    else:
+        raise DeepAlignError(
+            f"{path}: a folder, but neither a zoo (manifest.json) nor an aligner (config.json)"
+        )
+
+
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A checkpoint file, or a zoo folder."),
@@ -58,8 +74,6 @@ def inspect(
     Example: deepalign inspect model.safetensors
     """
     if path.is_dir():
-        from deepalign.cli import inspect_dir
-
         inspect_dir(path, as_json)
         return
     state, config, module, spec, meta = load_checkpoint(path, arch)

@@ -16,9 +16,9 @@ SIZES = MODEL_SIZES  # re-exported for callers of the CLI module
 
 def describe_aligner(path: Path, as_json: bool) -> None:
     """`inspect` on an aligner folder."""
-    from deepalign.nn.pretrained import load_pretrained
+    from deepalign.nn.model import DeepAlign
 
-    model = load_pretrained(path)
+    model = DeepAlign.from_pretrained(path)
     info = model.info
     summary = {
         "aligner": str(path),

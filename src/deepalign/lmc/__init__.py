@@ -3,7 +3,6 @@
 Convention: ``lam = 0`` is A, ``lam = 1`` is aligned B, ``merged = (1 - lam) * A + lam * B``.
 """
 
-from deepalign.lmc.batches import labelled_batches
 from deepalign.lmc.curves import evaluate, has_batchnorm, lmc_curve, lmc_curves, reset_bn_stats
 from deepalign.lmc.interpolate import interpolate
 from deepalign.lmc.metrics import auc, barrier
@@ -14,7 +13,6 @@ __all__ = [
     "evaluate",
     "has_batchnorm",
     "interpolate",
-    "labelled_batches",
     "lmc_curve",
     "lmc_curves",
     "reset_bn_stats",

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepalign.core.functional import batched_forward
+from deepalign.data.batches import labelled_batches, n_examples
 from deepalign.errors import DeepAlignError
-from deepalign.lmc.batches import labelled_batches, n_examples
 from deepalign.lmc.interpolate import interpolate
 from deepalign.lmc.metrics import auc, barrier
 

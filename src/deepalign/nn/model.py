@@ -22,10 +22,12 @@ from torch.nn import functional as F
 
 from deepalign.core.arch import activation
 from deepalign.core.permutation import Permutation
-from deepalign.core.weight_space import WeightSpaceLayout
+from deepalign.core.spec import PermutationSpec
 from deepalign.errors import DeepAlignError
 from deepalign.nn.dws import DWSEncoder
+from deepalign.nn.pretrained import read_config, read_weights, write_folder
 from deepalign.nn.set_layers import POOLINGS, SET_LAYERS
+from deepalign.nn.weight_space import WeightSpaceLayout
 from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
 
 
@@ -174,6 +176,8 @@ class DeepAlign(nn.Module):
         # Q = s^2 cos(a, a'): s is learned in log space so it can grow quickly from ``init_scale``
         # (s is the inverse temperature of the row softmax and of Sinkhorn).
         self.log_scale = nn.Parameter(torch.tensor(math.log(config.init_scale)))
+        self.arch: Mapping[str, Any] | None = None  # the networks' config, once known
+        self.info: Mapping[str, Any] = {}
 
     @property
     def groups(self) -> list[str]:
@@ -253,14 +257,42 @@ class DeepAlign(nn.Module):
             {g: (q / s2).clamp(-1, 1) for g, q in scores.items()},
         )
 
+    # -- compatibility and folders --------------------------------------------------------------
+    def check_compatible(
+        self, spec: PermutationSpec, arch: Mapping[str, Any] | None = None, where: str = "aligner"
+    ) -> None:
+        """Refuse networks of another architecture than this aligner was trained for: their spec
+        (and, when both are known, their architecture config) must match. The one check, the one
+        message."""
+        mine = self.layout.spec
+        same = mine.same_structure(spec) and dict(mine.groups) == dict(spec.groups)
+        if same and (arch is None or self.arch is None or dict(self.arch) == dict(arch)):
+            return
+        ours = "-".join(map(str, self.layout.widths))
+        theirs = "-".join(str(n) for n in spec.groups.values())
+        detail = "" if not same else " (same widths, another architecture config)"
+        raise DeepAlignError(
+            f"{where}: the aligner was trained for networks of widths {ours}; these networks "
+            f"have hidden widths {theirs}{detail}"
+        )
+
     @classmethod
     def from_pretrained(
         cls, folder: str | os.PathLike, device: torch.device | str = "cpu"
     ) -> DeepAlign:
-        """Load a trained aligner folder (``config.json`` + ``model.safetensors``)."""
-        from deepalign.nn.pretrained import load_pretrained
-
-        return load_pretrained(folder, device)
+        """Load a trained aligner folder (``config.json`` + ``model.safetensors``), in eval mode."""
+        config = read_config(folder)
+        layout = WeightSpaceLayout.from_config(config["arch"])
+        model = cls(layout, DeepAlignConfig.from_dict(config["model"]))
+        try:
+            model.load_state_dict(read_weights(folder))
+        except RuntimeError:
+            raise DeepAlignError(
+                f"{folder}: weights do not match the aligner's config.json"
+            ) from None
+        model.arch = config["arch"]
+        model.info = config
+        return model.to(device).eval()
 
     def save_pretrained(
         self,
@@ -269,9 +301,7 @@ class DeepAlign(nn.Module):
         info: Mapping[str, Any] | None = None,
     ) -> None:
         """Write this aligner as a folder; ``arch`` is the config of the networks it aligns."""
-        from deepalign.nn.pretrained import save_pretrained
-
-        save_pretrained(self, folder, arch, info)
+        write_folder(folder, self.state_dict(), arch, self.config.to_dict(), info)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,7 +14,8 @@ it) is solved by weight matching with the others fixed.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +23,10 @@ from torch import Tensor, nn
 from deepalign.core.permutation import Permutation
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.core.spec_builders import activation_probes
+from deepalign.data.batches import labelled_batches
 from deepalign.errors import DeepAlignError
-from deepalign.lmc.batches import labelled_batches
 from deepalign.solvers.assignment import linear_assignment
-from deepalign.solvers.registry import register
+from deepalign.solvers.method import Method, Options
 from deepalign.solvers.wm import Scores, coordinate_descent
 
 
@@ -79,7 +80,15 @@ def _copy_with(module: nn.Module, state: StateDict, device: torch.device) -> nn.
     return net.eval()
 
 
-@register("am", needs_data=True)
+@dataclass(frozen=True)
+class AMOptions(Options):
+    """Activation matching's options: examples per forward pass, and an optional cap on passes."""
+
+    solver: ClassVar[str] = "am"
+    batch_size: int = 256
+    max_batches: int | None = None
+
+
 def activation_matching(
     a: StateDict,
     b: StateDict,
@@ -89,14 +98,16 @@ def activation_matching(
     data: Any = None,
     init: Permutation | None = None,
     seed: int = 0,
-    batch_size: int = 256,
-    max_batches: int | None = None,
+    **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Activation matching over ``data`` (a Dataset, a tensor of inputs or ``(x, y)``).
 
     Needs ``module`` (the architecture; weights come from ``a`` and ``b``). ``init`` only seeds the
-    groups without a probe. ``info`` has ``examples`` seen and ``mean_correlation`` per group.
+    groups without a probe. ``options`` are :class:`AMOptions`. ``info`` has ``examples`` seen and
+    ``mean_correlation`` per group.
     """
+    o = AMOptions.make(**options)
+    batch_size, max_batches = o.batch_size, o.max_batches
     if module is None:
         raise DeepAlignError("method 'am' needs the model's architecture (module=...)")
     if data is None:
@@ -163,3 +174,12 @@ def activation_matching(
         perm, wm_info = coordinate_descent(a, b, spec, perm, seed, groups=rest, history=False)
         info["wm_groups"] = rest
     return perm, info
+
+
+METHOD = Method(
+    "am",
+    activation_matching,
+    options=AMOptions,
+    needs_data=True,
+    help="activation matching: correlations of hidden activations over data",
+)

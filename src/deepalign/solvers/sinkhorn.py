@@ -28,7 +28,8 @@ import itertools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +39,13 @@ from torch.func import functional_call
 from deepalign.core import permutation as P
 from deepalign.core.functional import batched_forward
 from deepalign.core.permutation import Permutation, apply_soft
+from deepalign.core.seeds import derive_seed
 from deepalign.core.spec import PermutationSpec, StateDict
+from deepalign.data.batches import labelled_batches
 from deepalign.errors import DeepAlignError
-from deepalign.lmc.batches import labelled_batches
 from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
+from deepalign.solvers.method import Method, Options
 from deepalign.solvers.objective import cost_keys
-from deepalign.solvers.registry import register
-from deepalign.zoo.seeds import derive_seed
 
 LOSSES = ("l2", "task")
 # Largest spread (max - min) of one score matrix that the scaling-vector Sinkhorn takes in each
@@ -190,6 +191,32 @@ DEFAULT_INIT_SCALE = 1.0  # a hard init's prior (see sinkhorn_rebasin)
 DEFAULT_SOFT_INIT_SCALE = 4.0  # the multiplier of soft init_scores, e.g. Deep-Align's cosines
 
 
+@dataclass(frozen=True)
+class SinkhornOptions(Options):
+    """Sinkhorn re-basin's options, shared by :func:`sinkhorn_batch` and :func:`sinkhorn_rebasin`.
+
+    ``loss``: ``"task"`` (default when data is given) or ``"l2"``; ``steps`` of Adam at ``lr`` on
+    the scores, ``sinkhorn_iters`` projections at temperature ``tau``; ``batch_size`` examples per
+    task-loss step; ``noise``: size of the seeded noise the scores start from (no ``init``).
+    ``init_scale``: with ``init``, the score added to its entries (default
+    :data:`DEFAULT_INIT_SCALE`: a mild prior the optimisation can leave); with ``init_scores``,
+    their multiplier (default :data:`DEFAULT_SOFT_INIT_SCALE`). ``trajectory_steps``: steps (0 =
+    before any update) at which the hard permutation is recorded in ``info["trajectory"]``.
+    The defaults were chosen on validation pairs (``docs/benchmarks.md``).
+    """
+
+    solver: ClassVar[str] = "sinkhorn"
+    loss: str | None = None
+    steps: int = 200
+    lr: float = 0.1
+    tau: float = 1.0
+    sinkhorn_iters: int = 20
+    batch_size: int = 128
+    init_scale: float | None = None
+    noise: float = 0.01
+    trajectory_steps: Sequence[int] | None = None
+
+
 def sinkhorn_batch(
     a: Mapping[str, Tensor],
     b: Mapping[str, Tensor],
@@ -200,26 +227,29 @@ def sinkhorn_batch(
     init: Permutation | None = None,
     seed: int = 0,
     pair_seeds: Sequence[int] | None = None,
-    loss: str | None = None,
-    steps: int = 200,
-    lr: float = 0.1,
-    tau: float = 1.0,
-    sinkhorn_iters: int = 20,
-    batch_size: int = 128,
-    init_scale: float | None = None,
-    noise: float = 0.01,
-    trajectory_steps: Sequence[int] | None = None,
     init_scores: Mapping[str, Tensor] | None = None,
+    **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Sinkhorn re-basin of N stacked pairs ``(a[i], b[i])`` at once; permutations come back ``(N, n)``.
 
-    ``init``: ``(N, n)`` permutations per group; ``seed`` seeds the data order shared by all pairs,
-    ``pair_seeds[i]`` (default ``seed + i``) pair i's score noise and ``lam`` draws, so a pair
-    gets the same answer alone as in a batch (with the same ``seed``). Options as in
-    :func:`sinkhorn_rebasin`. ``info``: ``iterations``, ``loss``, ``loss_history`` (one list of
-    per-step losses per pair), ``solver_seconds`` (the whole batch), ``pairs``, and with
-    ``trajectory_steps`` a ``trajectory`` of ``(step, perm)`` with ``(N, n)`` permutations.
+    ``init``: ``(N, n)`` permutations per group; ``init_scores``: ``(N, n, n)`` soft starts per
+    group (e.g. Deep-Align's cosine similarities), which replace ``init``'s prior and the noise.
+    ``seed`` seeds the data order shared by all pairs, ``pair_seeds[i]`` (default ``seed + i``) pair
+    i's score noise and ``lam`` draws, so a pair gets the same answer alone as in a batch (with the
+    same ``seed``). ``options`` are :class:`SinkhornOptions`. ``info``: ``iterations``, ``loss``,
+    ``loss_history`` (one list of per-step losses per pair), ``solver_seconds`` (the whole batch),
+    ``pairs``, and with ``trajectory_steps`` a ``trajectory`` of ``(step, perm)`` with ``(N, n)``
+    permutations.
     """
+    o = SinkhornOptions.make(**options)
+    loss, steps, lr, tau = o.loss, o.steps, o.lr, o.tau
+    sinkhorn_iters, batch_size, init_scale, noise = (
+        o.sinkhorn_iters,
+        o.batch_size,
+        o.init_scale,
+        o.noise,
+    )
+    trajectory_steps = o.trajectory_steps
     loss = loss or ("task" if data is not None else "l2")
     if loss not in LOSSES:
         raise DeepAlignError(f"sinkhorn: unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
@@ -371,7 +401,6 @@ def pair_info(info: Mapping[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
-@register("sinkhorn", needs_data=False, uses_data=True)
 def sinkhorn_rebasin(
     a: StateDict,
     b: StateDict,
@@ -381,31 +410,16 @@ def sinkhorn_rebasin(
     data: Any = None,
     init: Permutation | None = None,
     seed: int = 0,
-    loss: str | None = None,
-    steps: int = 200,
-    lr: float = 0.1,
-    tau: float = 1.0,
-    sinkhorn_iters: int = 20,
-    batch_size: int = 128,
-    init_scale: float | None = None,
-    noise: float = 0.01,
-    trajectory_steps: Sequence[int] | None = None,
     init_scores: Mapping[str, Tensor] | None = None,
+    **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
-    """Sinkhorn re-basin; ``loss`` defaults to "task" when ``data`` is given, else "l2".
+    """Sinkhorn re-basin of one pair; ``loss`` defaults to "task" when ``data`` is given, else "l2".
 
-    ``init_scale`` (default 1) is the score added to the ``init`` entries: a mild prior, so the
-    optimisation starts at ``init`` (its Hungarian projection is ``init``) yet can leave it — on
-    digits MLPs, 1 gave lower barriers for wm+sinkhorn and deepalign+sinkhorn than the confident
-    ``log(n) + 2`` (0.095/0.101 vs 0.111/0.123 on 32 pairs); without ``init`` the scores start near
-    uniform (seeded noise of size ``noise``). ``init_scores`` (``{group: (n, n)}``, e.g. Deep-Align's
-    cosine similarities, which ``deepalign+sinkhorn`` hands on) is a soft start instead: the scores
-    start at ``init_scale * init_scores`` without noise (default scale 4: on two draws of 128
-    validation pairs of the digits MLP zoo, scales 3, 4, 6 beat the hard start by 0.010-0.013 in
-    barrier, 4 by the most; 8 and 10 less). ``trajectory_steps`` lists steps (0 = before any
-    update) at which the hard permutation is recorded in ``info["trajectory"]`` as ``(step, perm)``.
-    ``info["loss_history"]`` has the loss of every step. The same as :func:`sinkhorn_batch` on the
-    one pair with ``pair_seeds=[seed]``.
+    ``init`` starts the scores on a permutation (a mild prior, so the optimisation starts there yet
+    can leave it); without it they start near uniform. ``init_scores`` (``{group: (n, n)}``, e.g.
+    Deep-Align's cosine similarities, which ``deepalign+sinkhorn`` hands on) is a soft start
+    instead. ``options`` are :class:`SinkhornOptions`; ``info["loss_history"]`` has the loss of
+    every step. The same as :func:`sinkhorn_batch` on the one pair with ``pair_seeds=[seed]``.
     """
     perm, info = sinkhorn_batch(
         {k: v.unsqueeze(0) for k, v in a.items()},
@@ -416,17 +430,30 @@ def sinkhorn_rebasin(
         init=None if init is None else {g: p.unsqueeze(0) for g, p in init.items()},
         seed=seed,
         pair_seeds=[seed],
-        loss=loss,
-        steps=steps,
-        lr=lr,
-        tau=tau,
-        sinkhorn_iters=sinkhorn_iters,
-        batch_size=batch_size,
-        init_scale=init_scale,
-        noise=noise,
-        trajectory_steps=trajectory_steps,
         init_scores=None
         if init_scores is None
         else {g: q.unsqueeze(0) for g, q in init_scores.items()},
+        **options,
     )
     return {g: p[0] for g, p in perm.items()}, pair_info(info, 0)
+
+
+def _solve_batch(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], spec: PermutationSpec, **kw: Any
+) -> tuple[Permutation, list[dict[str, Any]]]:
+    perm, info = sinkhorn_batch(a, b, spec, **kw)
+    return perm, [pair_info(info, i) for i in range(info["pairs"])]
+
+
+SINKHORN_CHUNK = 32  # pairs per batched run when a chain aligns many pairs
+
+METHOD = Method(
+    "sinkhorn",
+    sinkhorn_rebasin,
+    options=SinkhornOptions,
+    solve_batch=_solve_batch,
+    batch_chunk=SINKHORN_CHUNK,
+    uses_data=True,
+    takes_scores=True,
+    help="Sinkhorn re-basin: learned soft permutations, L2 or task loss",
+)

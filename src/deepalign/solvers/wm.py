@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -36,8 +36,8 @@ from deepalign.core.permutation import Permutation
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
 from deepalign.solvers.assignment import linear_assignment
+from deepalign.solvers.method import Method, Options
 from deepalign.solvers.objective import cost_keys, weight_inner
-from deepalign.solvers.registry import register
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,17 @@ def coordinate_descent(
     return perm, info
 
 
-@register("wm", needs_data=False)
+@dataclass(frozen=True)
+class WMOptions(Options):
+    """Weight matching's options (see :func:`weight_matching`)."""
+
+    solver: ClassVar[str] = "wm"
+    max_sweeps: int = 100
+    tol: float = 1e-12
+    history: bool = True
+    start: str = "forward"
+
+
 def weight_matching(
     a: StateDict,
     b: StateDict,
@@ -282,10 +292,7 @@ def weight_matching(
     data: Any = None,
     init: Permutation | None = None,
     seed: int = 0,
-    max_sweeps: int = 100,
-    tol: float = 1e-12,
-    history: bool = True,
-    start: str = "forward",
+    **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Weight matching: maximise ``sum_k <a_k, P(b_k)>`` by coordinate descent over groups.
 
@@ -295,8 +302,17 @@ def weight_matching(
     reference algorithm) in fewer sweeps; see ``docs/benchmarks.md``.
 
     Stops when no group improves by more than ``tol`` (relative) or after ``max_sweeps`` sweeps.
-    ``info`` has ``sweeps``, ``solves`` (groups visited), ``assignments`` (solver calls),
-    ``lsa_seconds`` and, with ``history``, the objective before and after every sweep (the exact
-    start value plus the gains of the accepted solves).
+    ``options`` are :class:`WMOptions`. ``info`` has ``sweeps``, ``solves`` (groups visited),
+    ``assignments`` (solver calls), ``lsa_seconds`` and, with ``history``, the objective before and
+    after every sweep (the exact start value plus the gains of the accepted solves).
     """
-    return coordinate_descent(a, b, spec, init, seed, max_sweeps, tol, history, start=start)
+    o = WMOptions.make(**options)
+    return coordinate_descent(a, b, spec, init, seed, o.max_sweeps, o.tol, o.history, start=o.start)
+
+
+METHOD = Method(
+    "wm",
+    weight_matching,
+    options=WMOptions,
+    help="weight matching: coordinate descent over groups, a linear assignment per group",
+)

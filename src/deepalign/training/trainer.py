@@ -18,12 +18,11 @@ from torch import Tensor
 
 from deepalign.core import permutation as P
 from deepalign.core.functional import batched_forward
-from deepalign.core.weight_space import WeightSpaceLayout
 from deepalign.errors import DeepAlignError
 from deepalign.lmc.curves import lmc_curves
 from deepalign.lmc.metrics import barrier
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
-from deepalign.nn.pretrained import save_pretrained
+from deepalign.nn.weight_space import WeightSpaceLayout
 from deepalign.training.augment import Augment
 from deepalign.training.loop import (
     TrainConfig,
@@ -194,7 +193,7 @@ def train_aligner(
         history.append(row)
         if row["val_barrier"] < best:
             best = row["val_barrier"]
-            save_pretrained(model, out, zoo.config, {**info, "epoch": epoch, "metrics": row})
+            model.save_pretrained(out, zoo.config, {**info, "epoch": epoch, "metrics": row})
         write_metrics(out / "metrics.jsonl", history)
         plot_history(out / "training.png", history)
         save_training_state(

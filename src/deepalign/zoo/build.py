@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deepalign.core.seeds import derive_seed
 from deepalign.data import Dataset, load, resolve_dir
 from deepalign.data.inr import InrTargets, image_targets, sine_targets
 from deepalign.errors import DeepAlignError
 from deepalign.zoo import storage
 from deepalign.zoo.batched import init_states, make_forward
 from deepalign.zoo.plan import ZooPlan
-from deepalign.zoo.seeds import derive_seed
 from deepalign.zoo.tasks import CLASSIFIER, INR_IMAGE
 from deepalign.zoo.train import evaluate_classifiers, fit_inrs, train_classifiers
 

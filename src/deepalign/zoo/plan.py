@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from deepalign.core.arch import Config, describe
+from deepalign.core.seeds import derive_seed
 from deepalign.data.inr import sine_frequency
 from deepalign.errors import DeepAlignError
-from deepalign.zoo.seeds import derive_seed
 from deepalign.zoo.tasks import INR_IMAGE, INR_SINE, get_task
 
 FORMAT = "deepalign-zoo/1"

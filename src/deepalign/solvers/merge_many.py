@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from deepalign.core import permutation as P
 from deepalign.core.permutation import Permutation
+from deepalign.core.seeds import derive_seed
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
+from deepalign.solvers.chain import Chain, align
 from deepalign.solvers.objective import weight_inner
-from deepalign.solvers.registry import align
-from deepalign.zoo.seeds import derive_seed
 
 
 def mean_state(states: Sequence[Mapping[str, Tensor]]) -> StateDict:
@@ -59,6 +59,7 @@ def merge_many(
     seed: int = 0,
     max_passes: int = 10,
     on_step: Callable[[int, int], None] | None = None,
+    aligner: Any = None,
     **options: Any,
 ) -> tuple[StateDict, list[Permutation], dict[str, Any]]:
     """The mean of ``states`` after aligning them all into ``states[0]``'s basis.
@@ -74,6 +75,9 @@ def merge_many(
         raise DeepAlignError(f"merging needs at least 2 networks, got {len(states)}")
     if max_passes < 1:
         raise DeepAlignError(f"max_passes must be at least 1, got {max_passes}")
+    chain = Chain.parse(method)
+    chain.check_inputs(data, aligner)
+    chain.check_options(options)
     for i, s in enumerate(states):
         spec.check(s, where=f"network {i}")
     device = next(iter(states[0].values())).device
@@ -90,11 +94,12 @@ def merge_many(
             target,
             originals[i],
             spec,
-            method,
+            chain,
             module=module,
             data=data,
             init=init,
             seed=derive_seed(seed, *tag, i),
+            aligner=aligner,
             **options,
         )
         aligned[i] = P.apply(spec, perms[i], originals[i])
