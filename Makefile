@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
+	DEEPALIGN_TEST_THREADS=2 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -33,10 +34,11 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-# Benchmarks need the peer package `rebasin` (kept out of the runtime dependencies).
+# Benchmarks (JSON + logs in bench-out/): `make bench BENCH_ARGS=--quick` for a smoke run.
+# They need the peer package `rebasin` (kept out of the runtime dependencies).
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py --out bench-out $(BENCH_ARGS)
 
 # Fashion-MNIST's IDX files from Debian (needs root): /usr/share/datasets/fashion-mnist
 fashion-mnist:

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-import pytest
 import torch
 from hypothesis import strategies as st
 from torch import nn
@@ -15,15 +14,6 @@ import deepalign as da
 from deepalign.core.arch import _ACTIVATIONS
 
 ACTS = sorted(_ACTIVATIONS)
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors on a shared machine: one intra-op thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @dataclass

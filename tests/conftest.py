@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 from deepalign.cli.app import main
 
 # The suite's tensors are tiny: one thread avoids oversubscription on 2-core CI machines.
-torch.set_num_threads(1)
+# DEEPALIGN_TEST_THREADS=2 runs it on two (make test does both: tolerances must hold either way).
+THREADS = int(os.environ.get("DEEPALIGN_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
 
 
 class CliResult:
@@ -59,10 +62,10 @@ def randomize_bn_stats(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Every test runs on one torch thread, and a test that changes it cannot leak the change."""
+def _threads():
+    """Every test runs on THREADS torch threads, and a test that changes it cannot leak the change."""
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(old)
 

@@ -326,10 +326,8 @@ def test_demo_quick_runs_end_to_end_and_reuses_its_work(cli, tmp_path):
         assert (out / "bench" / name).is_file(), name
     assert (out / "zoo" / "manifest.json").is_file()
     # the demo trains exactly what `deepalign train --size tiny` names
-    from deepalign.cli.train_cmds import SIZES
-
     trained = json.loads((out / "aligner" / "config.json").read_text())["model"]
-    assert trained == DeepAlignConfig(**SIZES["tiny"]).to_dict()
+    assert trained == DeepAlignConfig(**MODEL_SIZES["tiny"]).to_dict()
     stored = json.loads((out / "bench" / "bench.json").read_text())
     assert list(stored["methods"]) == list(DEFAULT_METHODS)
     assert all(e["status"] == "ok" for e in stored["methods"].values())

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import deepalign as da
-from arch_strategies import BUILDERS, Case, single_thread  # noqa: F401  (autouse)
+from arch_strategies import BUILDERS, Case
 from deepalign.core.checkpoint import load_state, parse_arch
 from deepalign.errors import DeepAlignError
 

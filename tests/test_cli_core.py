@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import save_file
 
 import deepalign as da
-from arch_strategies import single_thread  # noqa: F401  (autouse)
 from deepalign.core import permutation as P
 
 

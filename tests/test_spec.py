@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepalign as da
-from arch_strategies import BUILDERS, Case, single_thread  # noqa: F401  (autouse)
+from arch_strategies import BUILDERS, Case
 from deepalign.core.spec import AxisPerm, PermutationSpec
 from deepalign.errors import DeepAlignError
 

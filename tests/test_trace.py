@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import deepalign as da
-from arch_strategies import BUILDERS, Case, single_thread  # noqa: F401  (autouse)
+from arch_strategies import BUILDERS, Case
 from deepalign.core.spec import AxisPerm, PermutationSpec
 from deepalign.errors import DeepAlignError
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ from deepalign.zoo.plan import make_plan
 
 FORMAT = "deepalign-demo/1"
 TASK = "mlp-digits"
-SIZES = MODEL_SIZES
 
 
 @dataclass(frozen=True)
@@ -157,12 +156,10 @@ def run_demo(
     quick: bool = False,
     device: str | torch.device = "cpu",
     hooks: DemoHooks | None = None,
-    model_sizes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Build the digits zoo, train the aligner, run the bench (each reused when already done).
 
-    ``model_sizes`` maps size names to ``DeepAlignConfig`` fields (default: :data:`SIZES`).
-
+    The aligner's size is the profile's entry of :data:`deepalign.nn.sizes.MODEL_SIZES`.
     Returns ``{"out", "profile", "zoo", "aligner", "bench", "outputs", "result", "reused",
     "seconds"}``; ``result`` is the bench result (as in ``bench.json``).
     """
@@ -173,7 +170,7 @@ def run_demo(
     profile = PROFILES["quick" if quick else "full"]
     folder = check_out(out)
     stamp_path = folder / "demo.json"
-    model = dict((model_sizes or SIZES)[profile.size])
+    model = dict(MODEL_SIZES[profile.size])
     plan = make_plan(
         TASK, profile.zoo_n, profile.seed, hidden=profile.zoo_hidden, epochs=profile.zoo_epochs
     )

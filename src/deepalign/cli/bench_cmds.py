@@ -194,7 +194,6 @@ def demo(
     Rerunning reuses what is already built. Example: deepalign demo --out demo-out
     """
     from deepalign.bench.demo import DemoHooks, run_demo
-    from deepalign.cli.train_cmds import SIZES
 
     _threads(threads)
     dev = resolve_device(device)
@@ -224,7 +223,6 @@ def demo(
             quick=quick,
             device=dev,
             hooks=DemoHooks(stage=stage, zoo=zoo_hook, train=train_hook, bench=_BenchBars(bar)),
-            model_sizes=SIZES,
         )
     s = res["result"]["settings"]
     print_table(res["result"], f"{s['task']} ({res['profile']} demo): {s['pairs']} test pairs")

@@ -11,8 +11,6 @@ from deepalign.cli.common import DEVICE, SEED, app, console, progress, resolve_d
 from deepalign.errors import DeepAlignError
 from deepalign.nn.sizes import MODEL_SIZES
 
-SIZES = MODEL_SIZES  # re-exported for callers of the CLI module
-
 
 def describe_aligner(path: Path, as_json: bool) -> None:
     """`inspect` on an aligner folder."""
@@ -73,8 +71,8 @@ def train(
     from deepalign.training.loop import TrainConfig
     from deepalign.training.trainer import train_aligner
 
-    if size not in SIZES:
-        raise DeepAlignError(f"--size {size!r}: choose from {', '.join(SIZES)}")
+    if size not in MODEL_SIZES:
+        raise DeepAlignError(f"--size {size!r}: choose from {', '.join(MODEL_SIZES)}")
     dev = resolve_device(device)
     cfg = TrainConfig(
         epochs=epochs,
@@ -109,7 +107,7 @@ def train(
             zoo,
             out,
             DeepAlignConfig(
-                **{**SIZES[size], **({"downsample": downsample} if downsample else {})}
+                **{**MODEL_SIZES[size], **({"downsample": downsample} if downsample else {})}
             ),
             cfg,
             dev,

@@ -1,7 +1,7 @@
 """Named Deep-Align sizes (``DeepAlignConfig`` fields): what ``deepalign train --size`` and the demo use.
 
-``paper`` is the paper's configuration (§3.2); ``cpu`` trains to better-than-weight-matching
-barriers on the digits zoo in minutes on 2 cores; ``tiny`` is for smoke tests.
+``paper`` is the paper's configuration (§3.2); ``cpu`` is sized to train in minutes on a 2-core
+CPU (measurements in ``docs/results.md``); ``tiny`` is for smoke tests.
 """
 
 from __future__ import annotations

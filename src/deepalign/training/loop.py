@@ -23,7 +23,7 @@ from deepalign.core.io import atomic_path, atomic_write_text
 from deepalign.errors import DeepAlignError
 from deepalign.training.augment import Augment
 from deepalign.training.losses import alignment_loss, lmc_loss, supervised_loss
-from deepalign.training.tasks import PairTask
+from deepalign.training.pairs import PairTask
 
 
 @dataclass

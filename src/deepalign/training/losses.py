@@ -45,8 +45,11 @@ def alignment_loss(
     return torch.stack(terms).sum()
 
 
-def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], lam: Tensor) -> dict[str, Tensor]:
-    """``(1 - lam) a + lam b`` per pair; ``lam`` has shape ``(B,)``."""
+def interpolate_pairs(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], lam: Tensor
+) -> dict[str, Tensor]:
+    """``(1 - lam[i]) a[i] + lam[i] b[i]`` for stacked pairs: one ``lam`` per pair, shape ``(B,)``
+    (:func:`deepalign.lmc.interpolate` takes one network pair and one float)."""
     out = {}
     for k, t in a.items():
         w = lam.view(-1, *([1] * (t.dim() - 1))).to(t)
@@ -73,7 +76,7 @@ def lmc_loss(
     moved = apply_soft(spec, soft, b, batch_dims=1)
     batch = next(iter(a.values())).shape[0]
     lam = torch.rand(batch, generator=g).to(x.device)
-    merged = interpolate(a, moved, lam)
+    merged = interpolate_pairs(a, moved, lam)
     out = batched_forward(module, merged, x)
     if criterion is not None:
         return criterion(out, target)

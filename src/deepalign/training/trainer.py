@@ -32,8 +32,8 @@ from deepalign.training.loop import (
     train_epoch,
     write_metrics,
 )
-from deepalign.training.losses import interpolate
-from deepalign.training.tasks import PairTask, pair_task
+from deepalign.training.losses import interpolate_pairs
+from deepalign.training.pairs import PairTask, pair_task
 from deepalign.zoo.loader import Zoo
 
 STATE_FILE = "train_state.pt"
@@ -76,7 +76,7 @@ def validate(
         lambdas = torch.linspace(0, 1, cfg.val_points, dtype=torch.float64)
         losses = []
         for lam in lambdas.tolist():
-            merged = interpolate(a, aligned, torch.full((target.shape[0],), lam))
+            merged = interpolate_pairs(a, aligned, torch.full((target.shape[0],), lam))
             out = batched_forward(zoo.module().to(device), merged, coords)
             losses.append(((out - target) ** 2).flatten(1).mean(1).double().cpu())
         loss = torch.stack(losses, dim=1)

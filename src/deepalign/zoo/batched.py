@@ -122,7 +122,7 @@ def make_forward(config: Config, device: torch.device | str = "cpu") -> Forward:
 
     MLP/SIREN chains: stacked ``bmm``. Other architectures: ``vmap`` on accelerators; on CPU a
     loop over the models inside the step, since vmapped (grouped) convolutions train several times
-    slower there than one convolution per model (measured: ~4.5x for the Fashion-MNIST CNN).
+    slower there than one convolution per model (``docs/benchmarks.md``, zoo training).
     """
     ops = _plain_chain(config)
     if ops is not None:
