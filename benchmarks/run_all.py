@@ -36,7 +36,9 @@ def main() -> int:
         ("zoo_speed", quick + ["--skip-fashion"]),
     ]
     if args.zoo:
-        jobs.append(("merge_many", ["--zoo", args.zoo, "--sizes", "2,3" if args.quick else "2,3,5,10"]))
+        jobs.append(
+            ("merge_many", ["--zoo", args.zoo, "--sizes", "2,3" if args.quick else "2,3,5,10"])
+        )
     if args.zoo and args.aligner:
         jobs.append(("init_sweeps", ["--zoo", args.zoo, "--aligner", args.aligner]))
         jobs.append(("planted_recovery", ["--zoo", args.zoo, "--aligner", args.aligner]))
