@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import typer
 from rich import box
 from rich.table import Table
@@ -28,6 +27,8 @@ def _threads(threads: int | None) -> None:
     if threads is not None:
         if threads <= 0:
             raise DeepAlignError(f"--threads must be positive, got {threads}")
+        import torch
+
         torch.set_num_threads(threads)
 
 

@@ -2,49 +2,63 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 
-from deepalign.cli.common import SEED, app, console
-from deepalign.core import permutation as P
-from deepalign.core.arch import build
-from deepalign.core.checkpoint import (  # load_checkpoint: used by every command
-    load_checkpoint,
-    save_state,
+from deepalign.cli.common import (
+    INPUT_SHAPE,
+    MODEL,
+    MODEL_ARGS,
+    SEED,
+    Checkpoints,
+    app,
+    claim,
+    console,
+    say,
 )
-from deepalign.core.io import atomic_path
 from deepalign.errors import DeepAlignError
 
+if TYPE_CHECKING:
+    import torch
+
 ARCH = typer.Option(
-    None, "--arch", help="Architecture for plain state dicts: JSON file/text or 'mlp:64-32-10'."
+    None,
+    "--arch",
+    help="Our architecture for plain state dicts with Sequential names: JSON file/text or "
+    "'mlp:64-32-10' (your own class: --model).",
 )
 
 
-def example_input(
-    module: torch.nn.Module, config: dict, n: int = 64, seed: int = 0
-) -> torch.Tensor:
-    """Random inputs of the shape the module's first layer expects (images for conv nets)."""
+def example_input(nets: Checkpoints, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """Random inputs of the shape the model takes: the traced example's shape, else what the first
+    layer expects (images for conv nets)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
+    if nets.first.example is not None:
+        return torch.randn(n, *nets.first.example.shape[1:], generator=g)
+    module = nets.module
     first = next(m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     if isinstance(first, torch.nn.Linear):
         return torch.randn(n, first.in_features, generator=g)
-    size = int(config.get("image_size", 0)) or _guess_image_size(module, first.in_channels)
+    size = int(nets.config.get("image_size", 0)) or _guess_image_size(module, first.in_channels)
     return torch.randn(n, first.in_channels, size, size, generator=g)
 
 
-def _guess_image_size(module: torch.nn.Module, channels: int) -> int:
-    for size in (8, 28, 32, 16, 64, 12, 24, 96):
+def _guess_image_size(module: Any, channels: int) -> int:
+    import torch
+
+    for size in (8, 28, 32, 16, 64, 12, 24, 96, 224):
         try:
             with torch.no_grad():
                 module(torch.zeros(1, channels, size, size))
             return size
         except RuntimeError:
             continue
-    raise DeepAlignError("could not infer the input image size of this conv net")
+    raise DeepAlignError("could not infer the input image size of this conv net (--input-shape)")
 
 
 def inspect_dir(path: Path, as_json: bool) -> None:
@@ -63,25 +77,37 @@ def inspect_dir(path: Path, as_json: bool) -> None:
         )
 
 
+def _load(path: Path, arch, model, model_args, input_shape) -> Checkpoints:
+    import torch
+
+    return Checkpoints([path], torch.device("cpu"), model, model_args, input_shape, arch)
+
+
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A checkpoint file, or a zoo folder."),
+    path: Path = typer.Argument(..., help="A checkpoint file, or a zoo or aligner folder."),
     arch: str | None = ARCH,
+    model: str | None = MODEL,
+    model_args: str | None = MODEL_ARGS,
+    input_shape: str | None = INPUT_SHAPE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Describe a checkpoint: architecture, parameter count, permutation groups.
 
     Example: deepalign inspect model.safetensors
+
+    Example: deepalign inspect my_weights.pt --model my_model.py:MyMLP
     """
     if path.is_dir():
         inspect_dir(path, as_json)
         return
-    state, config, module, spec, meta = load_checkpoint(path, arch)
+    nets = _load(path, arch, model, model_args, input_shape)
+    state, spec = nets.a, nets.spec
     n_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     info = {
         "file": str(path),
         "parameters": n_params,
-        "architecture": config,
+        "architecture": nets.config,
         "groups": spec.describe(),
     }
     if as_json:
@@ -90,7 +116,7 @@ def inspect(
     console.print(
         f"[bold]{path}[/bold]  {n_params:,} parameters, {len(spec.groups)} permutation groups"
     )
-    console.print(str(module), markup=False, highlight=False)
+    console.print(str(nets.module), markup=False, highlight=False)
     for row in spec.describe():
         console.print(
             f"  {row['group']:>6}  size {row['size']:>5}  {', '.join(row['axes'])}", markup=False
@@ -100,31 +126,43 @@ def inspect(
 @app.command()
 def permute(
     path: Path = typer.Argument(..., help="Checkpoint to shuffle."),
-    out: Path = typer.Option(..., "--out", help="Where to write the permuted checkpoint."),
+    out: Path = typer.Option(
+        ..., "--out", help="Where to write the permuted checkpoint (.pt: a plain state dict)."
+    ),
     seed: int = SEED,
     perm_out: Path | None = typer.Option(
         None, "--perm-out", help="Also write the permutation as JSON."
     ),
     arch: str | None = ARCH,
+    model: str | None = MODEL,
+    model_args: str | None = MODEL_ARGS,
+    input_shape: str | None = INPUT_SHAPE,
 ) -> None:
     """Apply a random neuron permutation: the same function with shuffled neurons.
 
     Example: deepalign permute model.safetensors --seed 1 --out shuffled.safetensors
+
+    Example: deepalign permute a.pt --model my_model.py:MyMLP --seed 1 --out shuffled.pt
     """
-    state, config, module, spec, _ = load_checkpoint(path, arch)
-    perm = P.random_permutation(spec, seed=seed)
-    moved = P.apply(spec, perm, state)
-    other = build(config)
-    other.load_state_dict(moved)
-    other.eval()
-    x = example_input(module, config)
-    with torch.no_grad():
-        diff = float((other(x) - module(x)).abs().max())
-    # both targets are claimed before either is written: one bad path leaves no output at all
-    perm_target = atomic_path(perm_out) if perm_out is not None else contextlib.nullcontext()
-    with atomic_path(out) as tmp_out, perm_target as tmp_perm:
-        save_state(moved, tmp_out, config, {"permuted_from": str(path), "seed": seed})
+    import copy
+
+    import torch
+
+    from deepalign.core import permutation as P
+
+    with claim(out, perm_out) as (tmp_out, tmp_perm):  # both claimed before either is written
+        nets = _load(path, arch, model, model_args, input_shape)
+        state, spec, module = nets.a, nets.spec, nets.module
+        perm = P.random_permutation(spec, seed=seed)
+        moved = P.apply(spec, perm, state)
+        other = copy.deepcopy(module)
+        other.load_state_dict(moved)
+        other.eval()
+        x = example_input(nets)
+        with torch.no_grad():
+            diff = float((other(x) - module(x)).abs().max())
+        nets.write(moved, tmp_out, out, {"permuted_from": str(path), "seed": seed})
         if tmp_perm is not None:
             P.save_json(perm, tmp_perm)
     console.print(f"wrote {out}  ({len(spec.groups)} groups permuted, seed {seed})")
-    console.print(f"largest output difference on 64 random inputs: {diff:.3g}")
+    say(f"largest output difference on 64 random inputs: {diff:.3g}")

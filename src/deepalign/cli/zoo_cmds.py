@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import typer
 from rich.progress import (
     BarColumn,
@@ -22,10 +21,8 @@ from rich.progress import (
 from rich.text import Text
 
 from deepalign.cli.common import DEVICE, SEED, app, console, err_console, resolve_device
-from deepalign.core.checkpoint import save_state
 from deepalign.errors import DeepAlignError
-from deepalign.zoo import DEFAULT_TASK, TASKS, ShardSlice, Zoo, build_zoo, make_plan, prepare_zoo
-from deepalign.zoo.build import already_trained
+from deepalign.zoo.tasks import DEFAULT_TASK, TASKS
 
 TASK_HELP = "Zoo task: " + "; ".join(f"{name} = {t.help}" for name, t in TASKS.items())
 
@@ -142,6 +139,11 @@ def zoo(
 
     Example: deepalign zoo --task mlp-digits --n 2000 --out zoos/mlp-digits
     """
+    import torch
+
+    from deepalign.zoo.build import ShardSlice, already_trained, build_zoo, prepare_zoo
+    from deepalign.zoo.plan import make_plan
+
     dev = resolve_device(device)
     if threads <= 0:
         raise DeepAlignError(f"--threads must be positive, got {threads}")
@@ -206,6 +208,9 @@ def export(
 
     Example: deepalign export zoos/mlp-digits --index 7 --out model7.safetensors
     """
+    from deepalign.core.checkpoint import save_state
+    from deepalign.zoo.loader import Zoo
+
     z = Zoo(zoo_dir)
     state = {k: v[0] for k, v in z.load([index]).items()}
     row = z.rows[index]
@@ -216,6 +221,8 @@ def export(
 
 def describe_zoo(path: Path, as_json: bool) -> None:
     """`deepalign inspect ZOO_DIR`: task, architecture, splits, metric distribution, groups."""
+    from deepalign.zoo.loader import Zoo
+
     z = Zoo(path)
     module = z.module()
     n_params = sum(p.numel() for p in module.parameters())

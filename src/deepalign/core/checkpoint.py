@@ -1,9 +1,12 @@
-"""Self-describing checkpoints: safetensors whose metadata carry the architecture.
+"""Checkpoints: self-describing safetensors (the architecture in their metadata) and the user's
+plain state dicts.
 
-``save_model`` writes any module built from supported layers; ``load_model`` rebuilds it from the
-file alone. Plain state dicts (safetensors without metadata, ``.pt``/``.pth`` read with
-``torch.load(weights_only=True)``) load when the caller names the architecture. Nothing else is
-ever unpickled.
+``save_model`` writes any module built from our layers (:mod:`deepalign.core.arch`); ``load_model``
+rebuilds it from the file alone. Plain state dicts (safetensors without metadata, ``.pt``/``.pth``
+read with ``torch.load(weights_only=True)``) load with the user's own class
+(:func:`load_network` with ``model="file.py:Name"``) or a named architecture. Outputs are written
+in the format their file name says (``.pt``: a plain ``torch.save`` state dict) with the input's
+parameter names. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +57,48 @@ def save_state(
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """``"torch"`` for ``.pt``/``.pth``/``.bin``/``.ckpt`` names, else ``"safetensors"``."""
+    return "torch" if Path(path).suffix.lower() in TORCH_SUFFIXES else "safetensors"
+
+
+def write_state(
+    state: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    fmt: str = "safetensors",
+    arch: Config | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a state dict in ``fmt``: safetensors (with ``arch`` and ``meta`` as metadata) or a
+    plain ``torch.save`` dict of tensors (what ``model.load_state_dict(torch.load(f))`` reads)."""
+    if fmt == "torch":
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        with atomic_path(path) as tmp:
+            torch.save(tensors, tmp)
+    else:
+        save_state(state, path, arch, meta)
+
+
 def save_model(
     module: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None
 ) -> None:
-    """Save ``module`` as a self-describing safetensors checkpoint (weights + architecture)."""
-    save_state(module.state_dict(), path, describe(module), meta)
+    """Save ``module`` as a self-describing safetensors checkpoint (weights + architecture).
+
+    Only modules built from the layers of :mod:`deepalign.core.arch` describe themselves; save
+    your own class's ``state_dict()`` (``torch.save`` or :func:`write_state`) and trace it with
+    :func:`deepalign.spec_from_model`.
+    """
+    try:
+        arch = describe(module)
+    except DeepAlignError as exc:
+        raise DeepAlignError(
+            f"save_model: {exc}; for your own class save module.state_dict() and get its spec "
+            "with deepalign.spec_from_model(module, example_input)"
+        ) from None
+    save_state(module.state_dict(), path, arch, meta)
 
 
 def parse_arch(text: str) -> Config:
@@ -151,7 +192,9 @@ def load_checkpoint(
     config = arch if arch is not None else stored
     if config is None:
         raise DeepAlignError(
-            f"{path}: the file does not describe its architecture; pass one (--arch)"
+            f"{path}: a plain state dict that does not describe its architecture; give its "
+            "class (load_network(path, model='file.py:Name'); CLI --model file.py:Name) or one "
+            "of ours (arch=, --arch)"
         )
     module = build(config, where=f"{path}: architecture")
     spec = spec_for_module(module)
@@ -169,3 +212,101 @@ def load_checkpoint(
 def load_model(path: str | os.PathLike, arch: Config | str | None = None) -> nn.Module:
     """Rebuild the module stored in ``path``; ``arch`` is needed only for plain state dicts."""
     return load_checkpoint(path, arch)[2]
+
+
+def first_difference(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], names: tuple[str, str] = ("A", "B")
+) -> str | None:
+    """The first tensor (and axis) where two state dicts' structures differ, in words; None when
+    they have the same keys and shapes."""
+    for k in a:
+        if k not in b:
+            return f"{k} is in {names[0]} but not in {names[1]}"
+        sa, sb = tuple(a[k].shape), tuple(b[k].shape)
+        if len(sa) != len(sb):
+            return f"{k} has {len(sa)} axes in {names[0]} and {len(sb)} in {names[1]}"
+        for d, (x, y) in enumerate(zip(sa, sb, strict=True)):
+            if x != y:
+                return f"{k} axis {d} has size {x} in {names[0]} and {y} in {names[1]}"
+    extra = [k for k in b if k not in a]
+    if extra:
+        return f"{extra[0]} is in {names[1]} but not in {names[0]}"
+    return None
+
+
+@dataclass
+class Network:
+    """A checkpoint loaded with what it takes to use it: weights, module, spec, and where its
+    architecture came from (``arch``: our config; ``model``: the user's class reference)."""
+
+    path: Path
+    state: dict[str, Tensor]
+    module: nn.Module
+    spec: Any
+    meta: dict[str, str]
+    arch: Config | None = None
+    model: dict[str, Any] | None = None  # {"model": ref, "model_args": {...}, "input_shape": [...]}
+    example: Tensor | None = None
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """What two checkpoints must share to be aligned: the config, or the class reference."""
+        return dict(self.arch) if self.arch is not None else dict(self.model or {})
+
+    def write(
+        self,
+        state: Mapping[str, Tensor],
+        tmp: str | os.PathLike,
+        out: str | os.PathLike,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write ``state`` (this network's names) to ``tmp``, in the format ``out``'s name says;
+        safetensors of our architectures keep describing themselves."""
+        fmt = file_format(out)
+        write_state(state, tmp, fmt, self.arch if fmt == "safetensors" else None, meta)
+
+
+def load_network(
+    path: str | os.PathLike,
+    *,
+    arch: Config | str | None = None,
+    model: str | None = None,
+    model_args: Mapping[str, Any] | str | None = None,
+    input_shape: str | tuple[int, ...] | None = None,
+) -> Network:
+    """A checkpoint as a :class:`Network`: a self-describing file alone, or a plain state dict
+    with the user's class (``model="file.py:Name"`` or ``"package.module:Name"``, built with
+    ``model_args``; traced on one example of ``input_shape``) or a named architecture (``arch``)."""
+    from deepalign.core.user_model import build_model, example_batch, parse_shape, spec_of
+
+    if model is None:
+        if input_shape is not None or model_args is not None:
+            raise DeepAlignError(
+                "an input shape or model arguments need a model class (model=, CLI --model)"
+            )
+        state, config, module, spec, meta = load_checkpoint(path, arch)
+        return Network(Path(path), state, module, spec, meta, arch=config)
+    if arch is not None:
+        raise DeepAlignError(
+            "give either a model class (model=, --model) or an architecture (arch=, --arch)"
+        )
+    state, stored, meta = load_state(path)
+    module = build_model(model, model_args)
+    own = module.state_dict()
+    where = f"{path} vs {model}"
+    diff = first_difference(state, own, (str(path), model))
+    if diff is not None:
+        raise DeepAlignError(f"{where}: the file does not fit the class: {diff}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    shape = parse_shape(input_shape) if input_shape is not None else None
+    example = example_batch(shape) if shape is not None else None
+    spec = spec_of(module, example)
+    spec.check(state, where=str(path))
+    ref = {
+        "model": model,
+        "model_args": json.loads(model_args)
+        if isinstance(model_args, str)
+        else dict(model_args or {}),
+        "input_shape": list(shape) if shape else None,
+    }
+    return Network(Path(path), state, module.eval(), spec, meta, model=ref, example=example)

@@ -110,7 +110,8 @@ class _Walker:
                 self.probes[cur.group] = prefix.rstrip(".")
             return cur
         raise DeepAlignError(
-            f"{prefix.rstrip('.') or 'model'}: no spec rule for layer {type(m).__name__}"
+            f"{prefix.rstrip('.') or 'model'}: no hand rule for layer {type(m).__name__}; "
+            "trace it instead: deepalign.spec_from_model(module, example_input)"
         )
 
 

@@ -19,7 +19,8 @@ Adding an op is a few local lines::
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from fractions import Fraction
 from math import prod
 from typing import Any
@@ -447,6 +448,48 @@ def spec_from_model(
     Raises a one-line :class:`DeepAlignError` for a model torch.fx cannot trace, or one that uses an
     op without a permutation rule (the message names the op and the fx node).
     """
+    return trace_model(model, example_input).spec
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced model: its spec, and per group the activation it can be observed on.
+
+    ``probes[group] = (node, dim)``: the first output of a nonlinearity (in graph order) that
+    carries the group's neurons on axis ``dim`` (activation matching correlates these); groups
+    never followed by one are absent.
+    """
+
+    spec: PermutationSpec
+    graph: fx.GraphModule
+    probes: dict[str, tuple[str, int]]
+
+    def activations(
+        self, model: nn.Module, state: Mapping[str, Tensor], x: Tensor | tuple[Tensor, ...]
+    ) -> dict[str, Tensor]:
+        """Per probed group, ``(samples, n)`` activations of ``model`` with weights ``state`` on
+        ``x``: the group's axis last, every other axis (batch, positions) a sample."""
+        gm = fx.GraphModule(model, self.graph.graph)
+        gm.load_state_dict(dict(state))
+        want = {node: (g, d) for g, (node, d) in self.probes.items()}
+        seen: dict[str, Tensor] = {}
+
+        class _Grab(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                if n.name in want:
+                    g, d = want[n.name]
+                    seen[g] = out.movedim(d, -1).reshape(-1, out.shape[d])
+                return out
+
+        inputs = x if isinstance(x, tuple) else (x,)
+        with torch.no_grad():
+            _Grab(gm.eval()).run(*inputs)
+        return seen
+
+
+def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Traced:
+    """:func:`spec_from_model` and the activation probes of every group (see :class:`Traced`)."""
     state = model.state_dict()
     keys = set(state)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -463,6 +506,7 @@ def spec_from_model(
         shape = _shape(n)
         return [("t", n.name, d) for d in range(len(shape or ()))]
 
+    nonlinear: list[str] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             nodes = [node] if node.op == "placeholder" else _tensor_args(node)
@@ -484,18 +528,39 @@ def spec_from_model(
             if handler is None:
                 raise _unknown(node, _describe_target(node, module))
             handler(op)
+            if _is_nonlinear(node, module):
+                nonlinear.append(node.name)
             links, free = op.links, op.free
         linked = set()
         for a, b, factor in links:
             axes.union(a, b, factor)
             linked |= {a, b}
         axes.fixed.update(e for e in touched if e not in linked and e not in free)
-    return _assemble(state, axes, {n.name: _shape(n) for n in gm.graph.nodes})
+    spec, members = _assemble(state, axes, {n.name: _shape(n) for n in gm.graph.nodes})
+    probes = {}
+    for group, elems in members.items():
+        for name in nonlinear:
+            dims = [d for kind, node, d in elems if kind == "t" and node == name]
+            if dims:
+                probes[group] = (name, dims[0])
+                break
+    return Traced(spec, gm, probes)
+
+
+def _is_nonlinear(node: fx.Node, module: nn.Module | None) -> bool:
+    """A pointwise nonlinearity (whose output activation matching observes)."""
+    if module is not None:
+        return isinstance(module, (*_ACTS, Sine))
+    if node.op == "call_function":
+        return node.target in _ACT_FNS[:-1] or node.target in {
+            getattr(torch, n) for n in ("relu", "sigmoid", "tanh", "sin")
+        }
+    return node.op == "call_method" and node.target in ("relu", "sigmoid", "tanh", "sin")
 
 
 def _assemble(
     state: dict[str, Tensor], axes: _Axes, shapes: dict[str, tuple[int, ...] | None]
-) -> PermutationSpec:
+) -> tuple[PermutationSpec, dict[str, list[Elem]]]:
     """Turn the classes into groups (named after the first output axis they act on) and a spec."""
     fixed = {axes.find(e)[0] for e in axes.fixed}
     classes: dict[Elem, list[tuple[Elem, Fraction]]] = {}
@@ -521,16 +586,19 @@ def _assemble(
         ):
             continue  # inconsistent block structure: leave these axes alone rather than guess
         params.sort(key=lambda m: (order[m[0][1]], m[0][2]))
-        found.append((int(n), [(k, d, int(w / base)) for (_, k, d), w in params]))
+        whole = [e for e, w in members if w == base]  # axes of one neuron per entry
+        found.append((int(n), [(k, d, int(w / base)) for (_, k, d), w in params], whole))
     groups: dict[str, int] = {}
     entries: dict[tuple[str, int], AxisPerm] = {}
-    for n, members in sorted(found, key=lambda f: (order[f[1][0][0]], f[1][0][1])):
+    elems: dict[str, list[Elem]] = {}
+    for n, members, everything in sorted(found, key=lambda f: (order[f[1][0][0]], f[1][0][1])):
         name = _group_name(members, groups)
         groups[name] = n
+        elems[name] = everything
         for k, d, inner in members:
             entries[(k, d)] = AxisPerm(name, inner)
     spec_axes = {k: tuple(entries.get((k, d)) for d in range(v.dim())) for k, v in state.items()}
-    return PermutationSpec(groups, spec_axes)
+    return PermutationSpec(groups, spec_axes), elems
 
 
 def _group_name(members: list[tuple[str, int, int]], taken: dict[str, int]) -> str:

@@ -44,6 +44,35 @@ def labelled_batches(
         yield x, y
 
 
+def as_examples(data: Any) -> Any:
+    """What a caller holds as data, in a form every solver and curve reads: a Dataset, an input
+    tensor and an ``(x, y)`` pair pass through; any other iterable of ``(x, y)`` batches (a list,
+    a ``DataLoader``, a generator) is gathered into one ``(x, y)`` pair in memory."""
+    if data is None or hasattr(data, "batches") or isinstance(data, Tensor):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+        if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
+            raise DeepAlignError(
+                "data: an (x, y) pair needs a tensor y with one label per example of x"
+            )
+        return x, y
+    try:
+        batches = list(data)
+    except TypeError:
+        raise DeepAlignError(
+            f"data: expected a Dataset, a tensor, an (x, y) pair or batches of them, got "
+            f"{type(data).__name__}"
+        ) from None
+    if not batches:
+        raise DeepAlignError("data: no batches")
+    if all(isinstance(b, Tensor) for b in batches):
+        return torch.cat(batches)
+    if not all(isinstance(b, (tuple, list)) and len(b) >= 2 for b in batches):
+        raise DeepAlignError("data: expected batches of (x, y) tensors")
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
 def n_examples(data: Any) -> int:
     """How many examples ``data`` holds."""
     if hasattr(data, "batches"):

@@ -150,16 +150,36 @@ def _source(name: str) -> Source:
     return SOURCES[name]
 
 
-def load(name: str, split: str = "train", data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Data set ``name`` (digits, fashion-mnist, mnist, cifar10), ``split`` train or test, normalised.
+def load(
+    name: str,
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    normalize: bool = True,
+) -> Dataset:
+    """Data set ``name`` (digits, fashion-mnist, mnist, cifar10), ``split`` train or test.
 
-    Arrays are cached in-process, so repeated loads are free.
+    Pixels are scaled to [0, 1], then (``normalize``, the default) standardised per channel with
+    the data set's fixed training mean and std (:data:`SOURCES`); ``normalize=False`` keeps them
+    in [0, 1]. Arrays are cached in-process, so repeated loads are free.
     """
     src = _source(name)
     if split not in SPLITS:
         raise DeepAlignError(f"{name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     x, y = _load_cached(name, split, resolve_dir(name, data_dir))
+    if not normalize:
+        mean = torch.tensor(src.mean).view(1, -1, 1, 1)
+        std = torch.tensor(src.std).view(1, -1, 1, 1)
+        return Dataset(x * std + mean, y, src.n_classes, name, split)
     return Dataset(x, y, src.n_classes, name, split, src.mean, src.std)
+
+
+def normalization_help() -> str:
+    """How the built-in data sets are normalised, in one line (for ``--help``)."""
+    parts = [
+        f"{n}: mean {'/'.join(f'{m:.3f}' for m in s.mean)}, std {'/'.join(f'{d:.3f}' for d in s.std)}"
+        for n, s in SOURCES.items()
+    ]
+    return "pixels in [0, 1], then standardised per channel (" + "; ".join(parts) + ")"
 
 
 @functools.lru_cache(maxsize=16)

@@ -109,8 +109,10 @@ def lmc_curve(
     bn_reset: Any = None,
     batch_size: int = 512,
     bn_batches: int | None = None,
+    on_point: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Loss and accuracy at ``points`` evenly spaced ``lam`` in [0, 1] (ends included).
+    """Loss and accuracy at ``points`` evenly spaced ``lam`` in [0, 1] (ends included);
+    ``on_point(done, points)`` hears each finished ``lam``.
 
     Returns ``lambdas``, ``loss``, ``accuracy`` (1-D tensors; accuracy None with ``loss_fn``),
     ``barrier``, ``auc`` (and ``accuracy_barrier``/``accuracy_auc`` for classifiers).
@@ -128,6 +130,8 @@ def lmc_curve(
         loss, acc = evaluate(net, data, lam, loss_fn, batch_size)
         losses.append(loss)
         accs.append(acc)
+        if on_point is not None:
+            on_point(len(losses), points)
     acc_t = None if loss_fn is not None else torch.tensor(accs, dtype=torch.float64)
     return _summary(lambdas, torch.tensor(losses, dtype=torch.float64), acc_t)
 

@@ -14,6 +14,7 @@ it) is solved by weight matching with the others fixed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 from deepalign.core.permutation import Permutation
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.core.spec_builders import activation_probes
-from deepalign.data.batches import labelled_batches
+from deepalign.core.trace import Traced, trace_model
+from deepalign.data.batches import labelled_batches, n_examples
 from deepalign.errors import DeepAlignError
 from deepalign.solvers.assignment import linear_assignment
 from deepalign.solvers.method import Method, Options
@@ -80,6 +82,72 @@ def _copy_with(module: nn.Module, state: StateDict, device: torch.device) -> nn.
     return net.eval()
 
 
+class _Observer:
+    """Both networks' activations per probed group on a batch: ``(samples, n)`` each."""
+
+    groups: list[str]
+
+    def __call__(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release hooks."""
+
+
+class _Hooks(_Observer):
+    """Layer trees of :mod:`deepalign.core.arch`: forward hooks on each group's probe module."""
+
+    def __init__(self, module: nn.Module, probes: dict[str, str], a, b, device) -> None:
+        self.groups = list(probes)
+        self.nets = [_copy_with(module, a, device), _copy_with(module, b, device)]
+        self.seen: list[dict[str, Tensor]] = [{}, {}]
+        self.handles = []
+        for side, net in enumerate(self.nets):
+            for g, path in probes.items():
+
+                def hook(_m: nn.Module, _i: Any, out: Tensor, side=side, g=g) -> None:
+                    self.seen[side][g] = out
+
+                self.handles.append(net.get_submodule(path).register_forward_hook(hook))
+
+    def __call__(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        for net in self.nets:
+            net(x)
+        a, b = ({g: _as_samples(s[g]) for g in self.groups} for s in self.seen)
+        return a, b
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _Traced(_Observer):
+    """Any traceable module: the traced graph's first nonlinearity after each group."""
+
+    def __init__(self, module: nn.Module, traced: Traced, groups: list[str], a, b, device) -> None:
+        self.groups, self.traced = groups, traced
+        self.nets = [(_copy_with(module, s, device), s) for s in (a, b)]
+
+    def __call__(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        a, b = (self.traced.activations(net, s, x) for net, s in self.nets)
+        return a, b
+
+
+def _observer(
+    module: nn.Module, spec: PermutationSpec, a: StateDict, b: StateDict, device, x: Tensor
+) -> _Observer:
+    """Hooks where the hand rules know the layers (our builders), else the tracer's probes."""
+    try:
+        probes = activation_probes(module)
+    except DeepAlignError:
+        probes = None
+    if probes is not None and set(probes) <= set(spec.groups):
+        return _Hooks(module, probes, a, b, device)
+    traced = trace_model(copy.deepcopy(module).to(device).eval(), x[:2])
+    groups = [g for g in traced.probes if traced.spec.groups.get(g) == spec.groups.get(g, -1)]
+    return _Traced(module, traced, groups, a, b, device)
+
+
 @dataclass(frozen=True)
 class AMOptions(Options):
     """Activation matching's options: examples per forward pass, and an optional cap on passes."""
@@ -98,6 +166,7 @@ def activation_matching(
     data: Any = None,
     init: Permutation | None = None,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Activation matching over ``data`` (a Dataset, a tensor of inputs or ``(x, y)``).
@@ -111,38 +180,37 @@ def activation_matching(
     if module is None:
         raise DeepAlignError("method 'am' needs the model's architecture (module=...)")
     if data is None:
-        raise DeepAlignError("method 'am' needs data; pass a data set (--data NAME)")
+        raise DeepAlignError("method 'am' needs data (activations over a data set)")
     device = next(iter(a.values())).device
-    probes = activation_probes(module)
-    net_a, net_b = _copy_with(module, a, device), _copy_with(module, b, device)
-    seen: dict[str, dict[str, Tensor]] = {"a": {}, "b": {}}
-    handles = []
-    for side, net in (("a", net_a), ("b", net_b)):
-        for g, path in probes.items():
-
-            def hook(_m: nn.Module, _i: Any, out: Tensor, side=side, g=g) -> None:
-                seen[side][g] = out
-
-            handles.append(net.get_submodule(path).register_forward_hook(hook))
-    stats = {g: CorrelationStats(spec.groups[g], device) for g in probes}
+    batches = labelled_batches(data, batch_size, device=device)
+    try:
+        first = next(iter(batches))
+    except StopIteration:
+        raise DeepAlignError("am: the data set is empty") from None
+    observe = _observer(module, spec, a, b, device, first[0])
+    total = -(-n_examples(data) // batch_size)
+    if max_batches is not None:
+        total = min(total, max_batches)
+    stats = {g: CorrelationStats(spec.groups[g], device) for g in observe.groups}
     examples = 0
     try:
         with torch.no_grad():
             for i, (x, _) in enumerate(labelled_batches(data, batch_size, device=device)):
                 if max_batches is not None and i >= max_batches:
                     break
-                net_a(x)
-                net_b(x)
+                seen_a, seen_b = observe(x)
                 for g, st in stats.items():
-                    st.update(_as_samples(seen["a"][g]), _as_samples(seen["b"][g]))
+                    st.update(seen_a[g], seen_b[g])
                 examples += x.shape[0]
+                if progress is not None:
+                    progress(i + 1, total)
     except RuntimeError as exc:
         raise DeepAlignError(
             f"am: the data does not fit the model ({str(exc).splitlines()[0][:100]})"
         ) from None
     finally:
-        for h in handles:
-            h.remove()
+        observe.close()
+    probes = observe.groups
     perm: Permutation = (
         {g: p.to(device) for g, p in init.items()}
         if init is not None
@@ -181,5 +249,6 @@ METHOD = Method(
     activation_matching,
     options=AMOptions,
     needs_data=True,
+    reports_progress=True,
     help="activation matching: correlations of hidden activations over data",
 )

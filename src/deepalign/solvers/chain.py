@@ -98,10 +98,13 @@ class Chain:
         if missing and data is None:
             raise DeepAlignError(
                 f"method {self.text!r} needs data ({', '.join(missing)} uses activations or the "
-                "task loss); pass a data set"
+                "task loss): pass data=(x, y)"
             )
         if self.needs_aligner and aligner is None:
-            raise DeepAlignError(f"method {self.text!r} needs a trained aligner")
+            raise DeepAlignError(
+                f"method {self.text!r} needs a trained aligner: "
+                "aligner=DeepAlign.from_pretrained(folder)"
+            )
 
 
 @dataclass
@@ -146,9 +149,12 @@ def _run_stage(
     scores: Mapping[str, Tensor] | None,
     chunk: int,
     tell: Callable[[int], None],
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Permutation, list[float], list[dict[str, Any]], str]:
     n = len(seeds)
     extra: dict[str, Any] = {}
+    if stage.reports_progress and progress is not None:
+        extra["progress"] = lambda done, total: progress(stage.name, done, total)
     if stage.needs_aligner:
         extra["aligner"] = aligner
     if stage.takes_scores and scores is not None:
@@ -224,6 +230,7 @@ def run_chain(
     defaults: Mapping[str, Mapping[str, Any]] | None = None,
     chunks: Mapping[str, int] | None = None,
     on_pair: Callable[[int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ChainRun:
     """Align N stacked pairs ``(a[i], b[i])`` (B into A's basis) with a method or chain.
 
@@ -231,7 +238,8 @@ def run_chain(
     chunk's first seed). ``options`` go to every stage that declares them; ``defaults`` holds
     per-method settings under the user's options (e.g. ``{"sinkhorn": {"steps": 200}}``);
     ``chunks`` overrides a method's pairs per batched call (0: pair by pair). ``on_pair(done)``
-    reports progress over all stages (``done`` out of N).
+    reports progress over all stages (``done`` out of N); ``progress(stage, done, total)`` the
+    steps inside a stage that reports them (Sinkhorn's steps, activation matching's batches).
     """
     chain = Chain.parse(method)
     options = dict(options or {})
@@ -254,7 +262,21 @@ def run_chain(
                 on_pair((k * n + done) // n_stages)
 
         perm, seconds, stage_infos, kind = _run_stage(
-            stage, chain, a, b, spec, module, data, aligner, seeds, opts, perm, scores, chunk, tell
+            stage,
+            chain,
+            a,
+            b,
+            spec,
+            module,
+            data,
+            aligner,
+            seeds,
+            opts,
+            perm,
+            scores,
+            chunk,
+            tell,
+            progress,
         )
         next_scores = [info.pop(NEXT_SCORES, None) for info in stage_infos]
         scores = (
@@ -300,6 +322,7 @@ def align(
     init: Permutation | None = None,
     seed: int = 0,
     aligner: Any = None,
+    progress: Callable[[str, int, int], None] | None = None,
     **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Permutation bringing ``b`` into ``a``'s basis, and an info dict.
@@ -308,12 +331,17 @@ def align(
     ``l2`` and ``l2_before`` (weight distances), ``iterations``, ``seconds``, and each method's own
     entries (for a chain, ``parts`` lists them in order). ``options`` go to every stage that
     declares them; an option no stage declares is an error. ``aligner``: a loaded Deep-Align model
-    (``DeepAlign.from_pretrained``) for ``deepalign*`` methods.
+    (``DeepAlign.from_pretrained``) for ``deepalign*`` methods. ``progress(stage, done, total)``
+    hears the steps of stages that report them.
     """
     chain = Chain.parse(method)
     chain.check_inputs(data, aligner)
     spec.check(a, where="A")
     spec.check(b, where="B")
+    for name, state in (("A", a), ("B", b)):
+        for k, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise DeepAlignError(f"{name}: tensor {k} holds NaN or inf values")
     chain.check_options(options)
     device = next(iter(a.values())).device
     first = None if init is None else _check_init(spec, init, device)
@@ -329,6 +357,7 @@ def align(
         aligner=aligner,
         init=None if first is None else {g: p.unsqueeze(0) for g, p in first.items()},
         options=options,
+        progress=progress,
     )
     seconds = time.perf_counter() - start
     perm = {g: p[0].to(device) for g, p in run.perm.items()}

@@ -49,7 +49,9 @@ def check_aligner(
     """``aligner`` as an :class:`Aligner` for networks of ``spec`` (and of the architecture config
     ``arch`` when known): the one place this is checked."""
     if aligner is None:
-        raise DeepAlignError("method deepalign needs a trained aligner (--aligner DIR)")
+        raise DeepAlignError(
+            "method deepalign needs a trained aligner: aligner=DeepAlign.from_pretrained(folder)"
+        )
     if isinstance(aligner, str | os.PathLike):
         raise DeepAlignError(
             f"aligner {str(aligner)!r}: pass a loaded aligner "

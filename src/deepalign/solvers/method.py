@@ -120,6 +120,7 @@ class Method:
     uses_data: bool = False
     needs_aligner: bool = False
     takes_scores: bool = False
+    reports_progress: bool = False  # takes progress=callable(done, total)
     help: str = ""
 
     def __post_init__(self) -> None:

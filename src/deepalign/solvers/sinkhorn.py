@@ -27,7 +27,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -228,6 +228,7 @@ def sinkhorn_batch(
     seed: int = 0,
     pair_seeds: Sequence[int] | None = None,
     init_scores: Mapping[str, Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Sinkhorn re-basin of N stacked pairs ``(a[i], b[i])`` at once; permutations come back ``(N, n)``.
@@ -255,7 +256,7 @@ def sinkhorn_batch(
         raise DeepAlignError(f"sinkhorn: unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
     if loss == "task" and (data is None or module is None):
         raise DeepAlignError(
-            "sinkhorn: loss 'task' needs data and the model's architecture; pass --data NAME"
+            "sinkhorn: loss 'task' needs data and the model's architecture (data=..., module=...)"
         )
     if steps < 0 or tau <= 0 or lr <= 0 or sinkhorn_iters < 1 or noise < 0:
         raise DeepAlignError(
@@ -312,6 +313,9 @@ def sinkhorn_batch(
         lams = torch.stack(lam_rows).to(device=device, dtype=dtype)  # (N, steps)
         dims = {v.dim() for v in a.values()}
         net = copy.deepcopy(module).to(device).eval()
+        # running statistics (BatchNorm) are buffers: moved with the soft permutation, never
+        # differentiated (the normalisation ops take them as constants)
+        buffers = {name for name, _ in net.named_buffers()}
         data_gen = torch.Generator().manual_seed(derive_seed(seed, "sinkhorn-data"))
         batches = _forever(data, batch_size, data_gen, device)
     start = time.perf_counter()
@@ -338,11 +342,14 @@ def sinkhorn_batch(
                 k: torch.lerp(v, soft[k], shaped[v.dim()]) if v.is_floating_point() else v
                 for k, v in a_used.items()
             }
+            merged = {k: v.detach() if k in buffers else v for k, v in merged.items()}
             out = _forward(net, merged, x, n_pairs)
             ce = F.cross_entropy(out.flatten(0, 1), y.repeat(n_pairs), reduction="none")
             per_pair = ce.reshape(n_pairs, -1).mean(1)
         adam.step(torch.autograd.grad(per_pair.sum(), scores))
         history.append(per_pair.detach())
+        if progress is not None:
+            progress(step + 1, steps)
     perm = hard()
     hist = torch.stack(history, 1).cpu() if history else torch.zeros(n_pairs, 0)
     info: dict[str, Any] = {
@@ -411,6 +418,7 @@ def sinkhorn_rebasin(
     init: Permutation | None = None,
     seed: int = 0,
     init_scores: Mapping[str, Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Sinkhorn re-basin of one pair; ``loss`` defaults to "task" when ``data`` is given, else "l2".
@@ -433,6 +441,7 @@ def sinkhorn_rebasin(
         init_scores=None
         if init_scores is None
         else {g: q.unsqueeze(0) for g, q in init_scores.items()},
+        progress=progress,
         **options,
     )
     return {g: p[0] for g, p in perm.items()}, pair_info(info, 0)
@@ -455,5 +464,6 @@ METHOD = Method(
     batch_chunk=SINKHORN_CHUNK,
     uses_data=True,
     takes_scores=True,
+    reports_progress=True,
     help="Sinkhorn re-basin: learned soft permutations, L2 or task loss",
 )

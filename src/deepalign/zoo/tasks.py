@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from deepalign.core import arch
 from deepalign.errors import DeepAlignError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CLASSIFIER, INR_IMAGE, INR_SINE = "classifier", "inr-image", "inr-sine"
 
@@ -41,12 +42,22 @@ class Task:
         return self.make(widths)
 
 
+def _arch() -> Any:
+    from deepalign.core import arch  # torch: loaded when a model is built, not to list the tasks
+
+    return arch
+
+
 def _mlp(d_in: int) -> Callable[[Sequence[int]], nn.Module]:
-    return lambda h: arch.mlp([d_in, *h, 10], flatten_input=True)
+    return lambda h: _arch().mlp([d_in, *h, 10], flatten_input=True)
 
 
 def _cnn(c: int, size: int) -> Callable[[Sequence[int]], nn.Module]:
-    return lambda h: arch.cnn(c, list(h), 10, size)
+    return lambda h: _arch().cnn(c, list(h), 10, size)
+
+
+def _siren(d_in: int) -> Callable[[Sequence[int]], nn.Module]:
+    return lambda h: _arch().siren([d_in, *h, 1])
 
 
 TASKS: dict[str, Task] = {
@@ -80,11 +91,11 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             "siren-fashion", INR_IMAGE, "fashion-mnist", (32, 32),
-            lambda h: arch.siren([2, *h, 1]), 300, 1e-3, None, views=2, shard_size=256,
+            _siren(2), 300, 1e-3, None, views=2, shard_size=256,
             help="SIREN 2-32-32-1 fitting Fashion-MNIST images, 2 views per image",
         ),
         Task(
-            "siren-sine", INR_SINE, None, (32, 32), lambda h: arch.siren([1, *h, 1]), 300, 1e-3,
+            "siren-sine", INR_SINE, None, (32, 32), _siren(1), 300, 1e-3,
             None, views=2, shard_size=256,
             help="SIREN 1-32-32-1 fitting sin(a x), a ~ U(0.5, 10), 2 views per wave",
         ),

@@ -1,0 +1,135 @@
+"""The user's own model classes: build one from ``FILE.py:NAME`` or ``package.module:NAME``, make an
+example input from a shape, and derive its spec (hand rules for our layer trees, else the tracer).
+
+Importing the user's file runs their code, as ``python FILE.py`` would; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deepalign.core.spec import PermutationSpec
+from deepalign.errors import DeepAlignError
+
+
+def import_factory(ref: str) -> Callable[..., Any]:
+    """The class or function ``NAME`` of ``FILE.py:NAME`` or ``package.module:NAME``."""
+    where, sep, name = str(ref).rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise DeepAlignError(f"model {ref!r}: expected FILE.py:NAME or package.module:NAME")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise DeepAlignError(f"model {ref!r}: no such file {where}")
+        mod_name = f"deepalign_user_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise DeepAlignError(f"model {ref!r}: cannot import {where}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module  # dataclasses and pickle-free reflection need it there
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001  (the user's code can fail in any way)
+            sys.modules.pop(mod_name, None)
+            raise DeepAlignError(
+                f"model {ref!r}: importing {where} failed ({type(exc).__name__}: {_line(exc)})"
+            ) from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:  # noqa: BLE001
+            raise DeepAlignError(
+                f"model {ref!r}: cannot import {where} ({type(exc).__name__}: {_line(exc)})"
+            ) from None
+    factory = getattr(module, name, None)
+    if factory is None or not callable(factory):
+        raise DeepAlignError(f"model {ref!r}: {where} has no class or function {name!r}")
+    return factory
+
+
+def build_model(ref: str, args: Mapping[str, Any] | str | None = None) -> nn.Module:
+    """``NAME(**args)`` from :func:`import_factory`: a class built with keyword arguments, or a
+    factory returning an ``nn.Module`` (eval mode)."""
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise DeepAlignError(f"model arguments {args!r}: not valid JSON") from None
+    if args is not None and not isinstance(args, Mapping):
+        raise DeepAlignError("model arguments: expected a JSON object of keyword arguments")
+    factory = import_factory(ref)
+    try:
+        model = factory(**dict(args or {}))
+    except Exception as exc:  # noqa: BLE001
+        raise DeepAlignError(
+            f"model {ref!r}: building it failed ({type(exc).__name__}: {_line(exc)})"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise DeepAlignError(f"model {ref!r}: returned {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+def parse_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """One example's shape: ``"64"``, ``"1,28,28"`` (or ``1x28x28``), or a tuple."""
+    if isinstance(text, tuple | list):
+        dims = list(text)
+    else:
+        parts = str(text).replace("x", ",").replace(" ", "").strip("()").split(",")
+        try:
+            dims = [int(p) for p in parts if p]
+        except ValueError:
+            raise DeepAlignError(
+                f"input shape {text!r}: expected sizes like 64 or 1,28,28"
+            ) from None
+    if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
+        raise DeepAlignError(f"input shape {text!r}: expected positive sizes like 64 or 1,28,28")
+    return tuple(dims)
+
+
+def example_batch(shape: tuple[int, ...], n: int = 2, seed: int = 0) -> Tensor:
+    """``n`` random examples of one example's ``shape`` (tracing only looks at shapes)."""
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def guess_example(module: nn.Module) -> Tensor | None:
+    """An example batch when the first layer says what it takes (a Linear: its input size)."""
+    first = next((m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    if isinstance(first, nn.Linear):
+        return example_batch((first.in_features,))
+    return None
+
+
+def spec_of(
+    module: nn.Module, example_input: Tensor | tuple[Tensor, ...] | None = None
+) -> PermutationSpec:
+    """The permutation spec of any module: hand rules for the layer trees of
+    :mod:`deepalign.core.arch`, else traced on ``example_input`` (guessed for a model whose first
+    layer is a Linear)."""
+    from deepalign.core.spec_builders import spec_for_module
+    from deepalign.core.trace import spec_from_model
+
+    if example_input is None:
+        try:
+            return spec_for_module(module)
+        except DeepAlignError:
+            example_input = guess_example(module)
+        if example_input is None:
+            raise DeepAlignError(
+                f"{type(module).__name__}: pass example_input (one batch of inputs) so its "
+                "permutation spec can be traced"
+            )
+    return spec_from_model(module, example_input)
+
+
+def _line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else ""
