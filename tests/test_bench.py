@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import math
 
 import pytest
@@ -375,3 +376,37 @@ def test_a_killed_bench_resumes_to_the_same_result(zoo, tmp_path):
         run_bench(zoo, None, out, on_progress=kill_at_sinkhorn, **kw)
     other = run_bench(zoo, None, out, **{**kw, "points": 4})
     assert other["resumed_runs"] == 0 and other["settings"]["points"] == 4
+
+
+def test_gap_closed_is_measured_from_wm_to_the_best_method(bench):
+    """Gap closed = (WM - method) / (WM - best) on mean barriers, per seed and over all pairs."""
+    out, result = bench
+    methods = result["methods"]
+    means = {m: statistics.fmean(r["barrier"] for r in e["pairs"]) for m, e in methods.items()}
+    best = min(means, key=means.get)
+    assert means[best] < means["wm"]  # (else every gap is undefined, None)
+    for m, e in methods.items():
+        gap = e["summary"]["gap_closed"]
+        want = (means["wm"] - means[m]) / (means["wm"] - means[best])
+        assert gap["mean"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert gap["floor_method"] == best and len(gap["seed_values"]) == 2
+        assert gap["std"] >= 0
+        for k in range(2):
+            seed_means = {
+                x: statistics.fmean(r["barrier"] for r in y["pairs"] if r["seed"] == k)
+                for x, y in methods.items()
+            }
+            floor = min(seed_means.values())
+            if floor == seed_means["wm"]:  # wm is this seed's best: no gap to close
+                assert gap["seed_values"][k] is None
+                continue
+            expect = (seed_means["wm"] - seed_means[m]) / (seed_means["wm"] - floor)
+            assert gap["seed_values"][k] == pytest.approx(expect, rel=1e-9, abs=1e-12)
+    assert methods["wm"]["summary"]["gap_closed"]["mean"] == 0.0
+    assert methods[best]["summary"]["gap_closed"]["mean"] == pytest.approx(1.0)
+    assert "Gap closed" in (out / "bench.md").read_text()
+
+
+def test_gap_closed_needs_weight_matching_in_the_run(zoo):
+    result = run_bench(zoo, None, None, pairs=2, methods="identity,sinkhorn", sinkhorn_steps=2)
+    assert all(e["summary"]["gap_closed"] is None for e in result["methods"].values())

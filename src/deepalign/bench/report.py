@@ -14,10 +14,11 @@ from typing import Any
 from deepalign.core.io import atomic_path
 
 OUTPUTS = ("bench.json", "bench.md", "lmc.png", "sinkhorn_init.png")
-SHORT_COLUMNS = ("method", "barrier", "AUC", "acc@λ=.5", "WM obj.", "s/pair")
+SHORT_COLUMNS = ("method", "barrier", "gap closed", "AUC", "acc@λ=.5", "WM obj.", "s/pair")
 COLUMNS = (
     "Method",
     "Barrier ↓",
+    "Gap closed ↑",
     "AUC ↓",
     "Acc. @ λ=0.5 ↑",
     "WM objective ↑",
@@ -54,6 +55,16 @@ def _time(entry: Mapping[str, Any], compact: bool) -> str:
     return f"{text}{mark} ({first:.2g} + {sec - first:.3g})"
 
 
+def _gap(stat: Mapping[str, Any] | None, compact: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "—"
+    if compact:
+        return f"{stat['mean']:.2f}"
+    seeds = [v for v in stat.get("seed_values", []) if v is not None]
+    per_seed = f" ({' / '.join(f'{v:.2f}' for v in seeds)})" if len(seeds) > 1 else ""
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}{per_seed}"
+
+
 def table_rows(result: Mapping[str, Any], compact: bool = False) -> list[list[str]]:
     """One row per method, cells as in the markdown table (failed methods carry their error).
 
@@ -72,6 +83,7 @@ def table_rows(result: Mapping[str, Any], compact: bool = False) -> list[list[st
         row = [
             name,
             _pm(s["barrier"], ".3f", compact),
+            _gap(s.get("gap_closed"), compact),
             _pm(s["auc"], ".3f", compact),
             _acc(s["acc_mid"], compact),
             _pm(s["objective"], ".2f", compact),
@@ -104,8 +116,11 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         "Mean ± std over all pairs and seeds (per-seed means are in `bench.json`). Barrier and AUC "
         "of the loss follow the paper (§6: gap to the chord between the end points; max and "
-        "trapezoid integral, clipped at 0). WM objective: `sum <A, aligned B>` over the weights "
-        "(higher is better); L2: the weight distance after alignment.",
+        "trapezoid integral, clipped at 0). Gap closed: (WM − method) / (WM − best) on mean "
+        "barriers, the best being the lowest method of this run (0 = weight matching, 1 = the "
+        "best; ± its std over resampled pairs, per seed in brackets). WM objective: "
+        "`sum <A, aligned B>` over the weights (higher is better); L2: the weight distance after "
+        "alignment.",
         "",
         "ᵇ Batched: all pairs aligned in one call (Deep-Align: one forward pass per chunk of pairs; "
         f"Sinkhorn: {s.get('sinkhorn_chunk', 1)} pairs optimised together per run, each with its "

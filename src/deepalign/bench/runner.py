@@ -27,6 +27,7 @@ from deepalign.bench.checks import (
     parse_methods,
 )
 from deepalign.bench.evaluate import TaskData, pair_curves, task_data, value_at
+from deepalign.bench.gap import gap_closed
 from deepalign.bench.pairs import candidate_pairs, draw_pairs
 from deepalign.bench.resume import PartialRuns, model_digest, run_key
 from deepalign.bench.runs import Context, MethodRun, run_method, warm_up
@@ -422,6 +423,7 @@ def run_bench(
         results[method] = entry
         if any(rec["trajectories"] for rec in records):
             traced[method] = [(rec, k) for k, rec in enumerate(records)]
+    _add_gap_closed(results, cfg.seeds, cfg.seed)
     result = {
         "format": "deepalign-bench/1",
         "settings": bench.settings,
@@ -435,6 +437,18 @@ def run_bench(
         write_outputs(out_path, result)
         partial.finish()
     return result
+
+
+def _add_gap_closed(results: dict[str, dict[str, Any]], seeds: int, seed: int) -> None:
+    """Each finished method's gap closed (:mod:`deepalign.bench.gap`) into its summary."""
+    done = {m: e for m, e in results.items() if e["status"] == "ok"}
+    barriers = {
+        m: [[r["barrier"] for r in e["pairs"] if r["seed"] == k] for k in range(seeds)]
+        for m, e in done.items()
+    }
+    gaps = gap_closed(barriers, seed)
+    for m, e in done.items():
+        e["summary"]["gap_closed"] = None if gaps is None else gaps[m]
 
 
 def _aligner_name(aligner: Any) -> str:
