@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import math
+import statistics
 
 import pytest
 import torch
