@@ -74,11 +74,15 @@ def _data(n: int = 96):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _reference(a, b, spec, *, module=None, data=None, init=None, seed=0, steps=10, batch_size=32):
+def _reference(
+    a, b, spec, *, module=None, data=None, init=None, seed=0, steps=10, batch_size=32,
+    loss=None, fixed_batch=False, l2_weight=0.0, lr=0.1,
+):  # fmt: skip
     """Sinkhorn re-basin the plain way: one score matrix per group, the log-domain loop per group,
     torch's Adam, the merged state dict rebuilt every step. Randomness as documented: the pair's
     generator draws the score noise group by group, then every step's lam; the data order comes
     from a generator seeded by derive_seed(seed, "sinkhorn-data")."""
+    loss = loss or ("task" if data is not None else "l2")
     gen = torch.Generator().manual_seed(seed)
     scores = {}
     for g, n in spec.groups.items():
@@ -86,7 +90,7 @@ def _reference(a, b, spec, *, module=None, data=None, init=None, seed=0, steps=1
         if init is not None:
             s[torch.arange(n), init[g]] += DEFAULT_INIT_SCALE
         scores[g] = s.requires_grad_(True)
-    opt = torch.optim.Adam(scores.values(), lr=0.1)
+    opt = torch.optim.Adam(scores.values(), lr=lr)
     history = []
     if data is not None:
         lams = torch.rand(steps, generator=gen, dtype=torch.float64)
@@ -99,18 +103,68 @@ def _reference(a, b, spec, *, module=None, data=None, init=None, seed=0, steps=1
         if data is None:
             value = sum(((a[k] - soft[k]) ** 2).sum() for k in cost_keys(spec, a))
         else:
-            if pos >= len(order):
-                order, pos = torch.randperm(len(y_all), generator=order_gen), 0
-            idx = order[pos : pos + batch_size]
-            pos += batch_size
+            if step == 0 or not fixed_batch:
+                if pos >= len(order):
+                    order, pos = torch.randperm(len(y_all), generator=order_gen), 0
+                idx = order[pos : pos + batch_size]
+                pos += batch_size
             lam = float(lams[step])
             merged = {k: (1 - lam) * a[k] + lam * soft[k] for k in a}
-            value = F.cross_entropy(functional_call(module, merged, (x_all[idx],)), y_all[idx])
+            out = functional_call(module, merged, (x_all[idx],))
+            if loss == "task":
+                value = F.cross_entropy(out, y_all[idx])
+            else:
+                with torch.no_grad():
+                    ends = [functional_call(module, s, (x_all[idx],)) for s in (a, b)]
+                value = ((out - ((1 - lam) * ends[0] + lam * ends[1])) ** 2).mean()
+            if l2_weight:
+                value = value + l2_weight * sum(
+                    ((a[k] - soft[k]) ** 2).mean() for k in cost_keys(spec, a)
+                )
         opt.zero_grad()
         value.backward()
         opt.step()
         history.append(float(value.detach()))
     return {g: linear_assignment(s.detach()) for g, s in scores.items()}, history
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"loss": "output"},
+        {"loss": "task", "fixed_batch": True, "l2_weight": 0.5},
+        {"loss": "output", "l2_weight": 2.0},
+    ],
+)
+def test_loss_variants_match_the_plain_reference_loop(extra):
+    """Output matching (labels unused), one fixed batch, and an added L2 term."""
+    module, spec, (a,), (b,) = _models(1, seed=3)
+    kw = dict(
+        module=module, data=_data(), init=da.random_permutation(spec, seed=4), seed=11, steps=12
+    )
+    want_perm, want_hist = _reference(a, b, spec, **kw, **extra)
+    perm, info = sinkhorn_rebasin(a, b, spec, batch_size=32, **kw, **extra)
+    assert info["loss_history"] == pytest.approx(want_hist, rel=1e-4)
+    assert all(torch.equal(perm[g], want_perm[g]) for g in spec.groups)
+
+
+def test_the_official_codes_settings_are_a_method_of_their_own():
+    """``sinkhorn-paper``: a fixed batch of 32, task loss + L2, lr 5e-2 (1,000 steps by default)."""
+    from deepalign.solvers import align
+    from deepalign.solvers.sinkhorn import PaperSinkhornOptions
+
+    opts = PaperSinkhornOptions()
+    assert (opts.steps, opts.lr, opts.batch_size, opts.fixed_batch, opts.l2_weight) == (
+        1000, 0.05, 32, True, 1.0,
+    )  # fmt: skip
+    module, spec, (a,), (b,) = _models(1, seed=3)
+    kw = dict(module=module, data=_data(), seed=11)
+    perm, info = align(a, b, spec, "sinkhorn-paper", steps=12, **kw)
+    want, hist = _reference(
+        a, b, spec, **kw, steps=12, loss="task", fixed_batch=True, l2_weight=1.0, lr=0.05
+    )
+    assert info["loss_history"] == pytest.approx(hist, rel=1e-4)
+    assert all(torch.equal(perm[g], want[g]) for g in spec.groups)
 
 
 @pytest.mark.parametrize("loss", ["l2", "task"])

@@ -59,6 +59,7 @@ LABELS = {
     "wm": "Weight Matching",
     "am": "Activation Matching",
     "sinkhorn": "Sinkhorn",
+    "sinkhorn-paper": "Sinkhorn (official code's settings)",
     "wm+sinkhorn": "WM + Sinkhorn",
     "deepalign": "Deep-Align",
     "deepalign+wm": "Deep-Align + WM",

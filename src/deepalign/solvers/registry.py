@@ -18,6 +18,7 @@ METHODS: dict[str, Method] = {
         wm.METHOD,
         am.METHOD,
         sinkhorn.METHOD,
+        sinkhorn.PAPER_METHOD,
         deepalign.METHOD,
     )
 }

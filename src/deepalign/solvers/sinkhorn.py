@@ -24,6 +24,7 @@ Randomness: pair ``i``'s score noise and its ``lam`` draws come from its own gen
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import time
@@ -47,7 +48,7 @@ from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
 from deepalign.solvers.method import Method, Options
 from deepalign.solvers.objective import cost_keys
 
-LOSSES = ("l2", "task")
+LOSSES = ("l2", "task", "output")
 # Largest spread (max - min) of one score matrix that the scaling-vector Sinkhorn takes in each
 # compute dtype: beyond it exp(-spread) and the scalings could leave the dtype's range, and the
 # log-domain loop runs instead.
@@ -195,9 +196,14 @@ DEFAULT_SOFT_INIT_SCALE = 4.0  # the multiplier of soft init_scores, e.g. Deep-A
 class SinkhornOptions(Options):
     """Sinkhorn re-basin's options, shared by :func:`sinkhorn_batch` and :func:`sinkhorn_rebasin`.
 
-    ``loss``: ``"task"`` (default when data is given) or ``"l2"``; ``steps`` of Adam at ``lr`` on
-    the scores, ``sinkhorn_iters`` projections at temperature ``tau``; ``batch_size`` examples per
-    task-loss step; ``noise``: size of the seeded noise the scores start from (no ``init``).
+    ``loss``: ``"task"`` (default when data is given: cross-entropy of the merged network at a
+    random ``lam`` per step), ``"output"`` (mean squared distance of the merged network's outputs
+    to the same interpolation of the two end networks' outputs: any network, labels unused, e.g.
+    INRs) or ``"l2"`` (data-free); ``l2_weight`` adds that many times the L2 term (mean squared
+    difference per tensor, summed) to a data loss. ``steps`` of Adam at ``lr`` on the scores,
+    ``sinkhorn_iters`` projections at temperature ``tau``; ``batch_size`` examples per step, a new
+    batch each step (``fixed_batch``: the first one every step); ``noise``: size of the seeded
+    noise the scores start from (no ``init``).
     ``init_scale``: with ``init``, the score added to its entries (default
     :data:`DEFAULT_INIT_SCALE`: a mild prior the optimisation can leave); with ``init_scores``,
     their multiplier (default :data:`DEFAULT_SOFT_INIT_SCALE`). ``trajectory_steps``: steps (0 =
@@ -215,6 +221,21 @@ class SinkhornOptions(Options):
     init_scale: float | None = None
     noise: float = 0.01
     trajectory_steps: Sequence[int] | None = None
+    fixed_batch: bool = False
+    l2_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class PaperSinkhornOptions(SinkhornOptions):
+    """The official Deep-Align code's Sinkhorn baseline (``CLFBatchSinkhorn``): one fixed batch of
+    32 examples, the task loss plus the L2 distance, Adam at 5e-2 for 1,000 steps."""
+
+    solver: ClassVar[str] = "sinkhorn-paper"
+    steps: int = 1000
+    lr: float = 0.05
+    batch_size: int = 32
+    fixed_batch: bool = True
+    l2_weight: float = 1.0
 
 
 def sinkhorn_batch(
@@ -229,6 +250,7 @@ def sinkhorn_batch(
     pair_seeds: Sequence[int] | None = None,
     init_scores: Mapping[str, Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    defaults: type[SinkhornOptions] = SinkhornOptions,
     **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Sinkhorn re-basin of N stacked pairs ``(a[i], b[i])`` at once; permutations come back ``(N, n)``.
@@ -237,12 +259,13 @@ def sinkhorn_batch(
     group (e.g. Deep-Align's cosine similarities), which replace ``init``'s prior and the noise.
     ``seed`` seeds the data order shared by all pairs, ``pair_seeds[i]`` (default ``seed + i``) pair
     i's score noise and ``lam`` draws, so a pair gets the same answer alone as in a batch (with the
-    same ``seed``). ``options`` are :class:`SinkhornOptions`. ``info``: ``iterations``, ``loss``,
+    same ``seed``). ``options`` are :class:`SinkhornOptions` (``defaults``: the class whose
+    defaults fill the rest, e.g. :class:`PaperSinkhornOptions`). ``info``: ``iterations``, ``loss``,
     ``loss_history`` (one list of per-step losses per pair), ``solver_seconds`` (the whole batch),
     ``pairs``, and with ``trajectory_steps`` a ``trajectory`` of ``(step, perm)`` with ``(N, n)``
     permutations.
     """
-    o = SinkhornOptions.make(**options)
+    o = defaults.make(**options)
     loss, steps, lr, tau = o.loss, o.steps, o.lr, o.tau
     sinkhorn_iters, batch_size, init_scale, noise = (
         o.sinkhorn_iters,
@@ -254,7 +277,7 @@ def sinkhorn_batch(
     loss = loss or ("task" if data is not None else "l2")
     if loss not in LOSSES:
         raise DeepAlignError(f"sinkhorn: unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
-    if loss == "task" and (data is None or module is None):
+    if loss in ("task", "output") and (data is None or module is None):
         raise DeepAlignError(
             "sinkhorn: loss 'task' needs data and the model's architecture (data=..., module=...)"
         )
@@ -284,7 +307,7 @@ def sinkhorn_batch(
                 m[torch.arange(n), init[g][i].cpu()] += scale
             row[g] = m
         noise_rows.append(row)
-        if loss == "task":
+        if loss != "l2":
             lam_rows.append(torch.rand(steps, generator=gen, dtype=torch.float64))
     scores = [
         torch.stack([torch.stack([r[g] for g in names]) for r in noise_rows])
@@ -305,9 +328,9 @@ def sinkhorn_batch(
     want = sorted({int(s) for s in (trajectory_steps or ()) if 0 <= int(s) <= steps})
     trajectory: list[tuple[int, Permutation]] = []
     history: list[Tensor] = []
+    l2_keys = cost_keys(spec, a)
     if loss == "l2":
-        keys = cost_keys(spec, a)
-        a_used, b_used = {k: a[k] for k in keys}, {k: b[k] for k in keys}
+        a_used, b_used = {k: a[k] for k in l2_keys}, {k: b[k] for k in l2_keys}
     else:
         a_used, b_used = dict(a), dict(b)
         lams = torch.stack(lam_rows).to(device=device, dtype=dtype)  # (N, steps)
@@ -318,6 +341,8 @@ def sinkhorn_batch(
         buffers = {name for name, _ in net.named_buffers()}
         data_gen = torch.Generator().manual_seed(derive_seed(seed, "sinkhorn-data"))
         batches = _forever(data, batch_size, data_gen, device)
+        if o.fixed_batch:
+            batches = itertools.repeat(next(batches))
     start = time.perf_counter()
     for step in range(steps + 1):
         if want and step == want[0]:
@@ -334,7 +359,7 @@ def sinkhorn_batch(
             per_pair = sum(((a_used[k] - soft[k]) ** 2).reshape(n_pairs, -1).sum(1) for k in a_used)
         else:
             x, y = next(batches)
-            if y is None:
+            if y is None and loss == "task":
                 raise DeepAlignError("sinkhorn: loss 'task' needs labelled data")
             lam = lams[:, step]
             shaped = {d: lam.reshape(-1, *([1] * (d - 1))) for d in dims}
@@ -344,8 +369,18 @@ def sinkhorn_batch(
             }
             merged = {k: v.detach() if k in buffers else v for k, v in merged.items()}
             out = _forward(net, merged, x, n_pairs)
-            ce = F.cross_entropy(out.flatten(0, 1), y.repeat(n_pairs), reduction="none")
-            per_pair = ce.reshape(n_pairs, -1).mean(1)
+            if loss == "task":
+                ce = F.cross_entropy(out.flatten(0, 1), y.repeat(n_pairs), reduction="none")
+                per_pair = ce.reshape(n_pairs, -1).mean(1)
+            else:
+                with torch.no_grad():
+                    ends = [_forward(net, s, x, n_pairs) for s in (a_used, b_used)]
+                    goal = torch.lerp(ends[0], ends[1], lam.reshape(-1, *[1] * (out.dim() - 1)))
+                per_pair = ((out - goal) ** 2).flatten(1).mean(1)
+            if o.l2_weight:
+                per_pair = per_pair + o.l2_weight * sum(
+                    ((a[k] - soft[k]) ** 2).flatten(1).mean(1) for k in l2_keys
+                )
         adam.step(torch.autograd.grad(per_pair.sum(), scores))
         history.append(per_pair.detach())
         if progress is not None:
@@ -419,6 +454,7 @@ def sinkhorn_rebasin(
     seed: int = 0,
     init_scores: Mapping[str, Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    defaults: type[SinkhornOptions] = SinkhornOptions,
     **options: Any,
 ) -> tuple[Permutation, dict[str, Any]]:
     """Sinkhorn re-basin of one pair; ``loss`` defaults to "task" when ``data`` is given, else "l2".
@@ -442,6 +478,7 @@ def sinkhorn_rebasin(
         if init_scores is None
         else {g: q.unsqueeze(0) for g, q in init_scores.items()},
         progress=progress,
+        defaults=defaults,
         **options,
     )
     return {g: p[0] for g, p in perm.items()}, pair_info(info, 0)
@@ -466,4 +503,17 @@ METHOD = Method(
     takes_scores=True,
     reports_progress=True,
     help="Sinkhorn re-basin: learned soft permutations, L2 or task loss",
+)
+
+PAPER_METHOD = Method(
+    "sinkhorn-paper",
+    functools.partial(sinkhorn_rebasin, defaults=PaperSinkhornOptions),
+    options=PaperSinkhornOptions,
+    solve_batch=functools.partial(_solve_batch, defaults=PaperSinkhornOptions),
+    batch_chunk=SINKHORN_CHUNK,
+    uses_data=True,
+    takes_scores=True,
+    reports_progress=True,
+    help="Sinkhorn with the official Deep-Align code's settings (fixed batch of 32, task + L2, "
+    "lr 5e-2, 1,000 steps)",
 )

@@ -68,6 +68,11 @@ TASKS: dict[str, Task] = {
             shard_size=500, help="MLP 64-32-32-32-10 on the 8x8 digits (the default)",
         ),
         Task(
+            "mlp-digits-wide", CLASSIFIER, "digits", (128, 128, 128), _mlp(64), 10, 3e-3, 64,
+            shard_size=250,
+            help="MLP 64-128-128-128-10 on digits (the paper's regime: wide layers, low barriers)",
+        ),
+        Task(
             "cnn-digits", CLASSIFIER, "digits", (16, 32), _cnn(1, 8), 10, 3e-3, 64,
             shard_size=128, help="conv 16-32 (3x3, max-pool after each) + linear head on digits",
         ),
