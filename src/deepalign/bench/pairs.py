@@ -51,3 +51,13 @@ def draw_pairs(candidates: Sequence[Pair], n: int, seed: int, draw: int = 0) -> 
         a, b = candidates[k]
         out.append((b, a) if f else (a, b))
     return out
+
+
+def shard_positions(n: int, chunk: int, index: int, count: int) -> list[int]:
+    """The pair positions (of ``n``) that shard ``index`` of ``count`` aligns: a contiguous block of
+    whole chunks of ``chunk`` pairs, so every batched run (and its shared data order) is the one
+    an unsharded bench makes."""
+    chunk = max(chunk, 1)
+    chunks = -(-n // chunk)
+    first, last = index * chunks // count, (index + 1) * chunks // count
+    return list(range(first * chunk, min(last * chunk, n)))

@@ -50,11 +50,17 @@ def _cpu(x: Any) -> Any:
     return x
 
 
-class PartialRuns:
-    """The finished runs of one bench (by key), saved after each run when ``out`` is given."""
+def shard_file(index: int, count: int) -> str:
+    """The partial-runs file of shard ``index`` of ``count``."""
+    return f"bench.partial.shard-{index}-of-{count}.pt"
 
-    def __init__(self, out: Path | None, key: str) -> None:
-        self.path = None if out is None else Path(out) / PARTIAL
+
+class PartialRuns:
+    """The finished runs of one bench (by key), saved after each run when ``out`` is given;
+    ``name``: the file (a shard's runs live in :func:`shard_file`)."""
+
+    def __init__(self, out: Path | None, key: str, name: str = PARTIAL) -> None:
+        self.path = None if out is None else Path(out) / name
         self.key = key
         self.runs: dict[str, dict[str, Any]] = {}
         if self.path is not None and self.path.is_file():
@@ -83,3 +89,46 @@ class PartialRuns:
     def finish(self) -> None:
         if self.path is not None and self.path.exists():
             self.path.unlink()
+
+
+def merge_records(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One (method, seed) run from its shards' runs, in shard order (pairs concatenated)."""
+    first = parts[0]
+    n = [len(p["rows"]) for p in parts]
+    merged = dict(first)
+    merged["rows"] = [r for p in parts for r in p["rows"]]
+    for key in ("loss", "accuracy"):
+        merged[key] = None if first[key] is None else torch.cat([p[key] for p in parts])
+    merged["trajectories"] = [t for p in parts for t in p["trajectories"]]
+    merged["timing"] = next((p["timing"] for p in parts if p["rows"]), first["timing"])
+    total = max(sum(n), 1)
+    merged["first_seconds"] = (
+        sum(p["first_seconds"] * k for p, k in zip(parts, n, strict=True)) / total
+    )
+    return merged
+
+
+def gather_shards(out: Path, key: str, partial: PartialRuns) -> tuple[int, int]:
+    """Merge the runs every shard of one sharded bench (same key) has finished into ``partial``;
+    returns ``(runs merged, shard count)`` (0 shards: none found)."""
+    found: dict[int, dict[int, dict[str, Any]]] = {}
+    for path in sorted(Path(out).glob("bench.partial.shard-*-of-*.pt")):
+        try:
+            index, count = (int(x) for x in path.stem.split("shard-")[1].split("-of-"))
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - not one of ours, or unreadable: not a shard of this bench
+            continue
+        if isinstance(saved, dict) and saved.get("key") == key:
+            found.setdefault(count, {})[index] = dict(saved.get("runs", {}))
+    merged = 0
+    for count, shards in found.items():
+        if len(shards) != count:
+            continue
+        for name in set.intersection(*(set(r) for r in shards.values())):
+            if name not in partial.runs:
+                method, seed = name.rsplit("|", 1)
+                partial.put(
+                    method, int(seed), merge_records([shards[i][name] for i in range(count)])
+                )
+                merged += 1
+    return merged, max(found, default=0)

@@ -10,11 +10,13 @@ fails is recorded with its error and the run goes on. Results are written by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +30,14 @@ from deepalign.bench.checks import (
 )
 from deepalign.bench.evaluate import TaskData, pair_curves, task_data, value_at
 from deepalign.bench.gap import gap_closed
-from deepalign.bench.pairs import candidate_pairs, draw_pairs
-from deepalign.bench.resume import PartialRuns, model_digest, run_key
+from deepalign.bench.pairs import candidate_pairs, draw_pairs, shard_positions
+from deepalign.bench.resume import (
+    PartialRuns,
+    gather_shards,
+    model_digest,
+    run_key,
+    shard_file,
+)
 from deepalign.bench.runs import Context, MethodRun, run_method, warm_up
 from deepalign.bench.stats import mean_std
 from deepalign.bench.trajectories import identity_curve, trajectory_curve, trajectory_steps
@@ -40,6 +48,7 @@ from deepalign.errors import DeepAlignError
 from deepalign.solvers import Chain
 from deepalign.solvers.objective import l2_distance, weight_inner
 from deepalign.solvers.sinkhorn import SINKHORN_CHUNK
+from deepalign.zoo.build import ShardSlice
 from deepalign.zoo.loader import Zoo
 
 __all__ = ["DEFAULT_METHODS", "LABELS", "BenchConfig", "check_out", "parse_methods", "run_bench"]
@@ -93,6 +102,8 @@ class BenchConfig:
     trajectory_pairs: int = 16
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     sinkhorn_chunk: int = SINKHORN_CHUNK
+    shard: str | None = None  # "i/n" or "auto": this job's share of every seed's pairs
+    gather: bool = False  # only assemble the outputs from the shards' finished runs
 
 
 def label(method: str) -> str:
@@ -166,8 +177,15 @@ def _mean_curve(records: list[Mapping[str, Any]]) -> dict[str, Any]:
 class _Bench:
     """One bench run's fixed inputs: pairs and their weights per seed, data, solver context."""
 
-    def __init__(self, zoo: Zoo, aligner: Any, cfg: BenchConfig, method_list: list[str]) -> None:
-        self.zoo, self.cfg, self.methods = zoo, cfg, method_list
+    def __init__(
+        self,
+        zoo: Zoo,
+        aligner: Any,
+        cfg: BenchConfig,
+        method_list: list[str],
+        part: ShardSlice = ShardSlice(),
+    ) -> None:
+        self.zoo, self.cfg, self.methods, self.part = zoo, cfg, method_list, part
         self.points, self.seed = cfg.points, cfg.seed
         device = torch.device(cfg.device)
         need = [m for m in method_list if Chain.parse(m).needs_aligner]
@@ -187,7 +205,7 @@ class _Bench:
             "trajectory_steps": trajectory_steps(cfg.sinkhorn_steps),
         }
         if not self.data.is_classifier:
-            sinkhorn["loss"] = "l2"
+            sinkhorn["loss"] = "output"  # INRs: the MSE to the interpolated fits along the path
         self.ctx = Context(
             spec=zoo.spec,
             module=zoo.module().to(device),
@@ -207,24 +225,57 @@ class _Bench:
                 model_digest(model),
             ]
         )
-        self.a = [zoo.load([p[0] for p in d], device) for d in self.drawn]
-        self.b = [zoo.load([p[1] for p in d], device) for d in self.drawn]
+        # this shard's pairs (all of them unsharded): whole Sinkhorn chunks, so every batched
+        # run is the one an unsharded bench makes
+        chunk = cfg.sinkhorn_chunk or 1
+        self.positions = [
+            shard_positions(len(d), chunk, part.index, part.count) for d in self.drawn
+        ]
+        start = self.positions[0][0] if self.positions[0] else 0
+        traced = max(0, min(cfg.trajectory_pairs - start, len(self.positions[0])))
+        self.ctx = dataclasses.replace(self.ctx, trajectory_pairs=traced)
+        self.a = [
+            zoo.load([d[p][0] for p in pos], device) if pos else {} for d, pos in self._mine()
+        ]
+        self.b = [
+            zoo.load([d[p][1] for p in pos], device) if pos else {} for d, pos in self._mine()
+        ]
+
+    def _mine(self) -> list[tuple[list[tuple[int, int]], list[int]]]:
+        return list(zip(self.drawn, self.positions, strict=True))
 
     def pair_seeds(self, k: int) -> list[int]:
-        return _pair_seeds(self.seed, k, len(self.drawn[k]))
+        """The solver seeds of this shard's pairs of seed ``k`` (those of their positions)."""
+        seeds = _pair_seeds(self.seed, k, len(self.drawn[k]))
+        return [seeds[p] for p in self.positions[k]]
 
     def run(self, method: str, k: int, tell: Callable[..., None]) -> dict[str, Any]:
         """Align seed ``k``'s pairs with ``method`` and evaluate them: the record of that run."""
-        a, b, pairs = self.a[k], self.b[k], self.drawn[k]
+        a, b = self.a[k], self.b[k]
+        pairs = [self.drawn[k][p] for p in self.positions[k]]
         n = len(pairs)
+        if n == 0:  # a shard past the last pair: nothing to add
+            empty = torch.zeros(0, self.points, dtype=torch.float64)
+            return {
+                "rows": [],
+                "lambdas": torch.linspace(0, 1, self.points, dtype=torch.float64),
+                "loss": empty,
+                "accuracy": empty.clone() if self.data.is_classifier else None,
+                "timing": "",
+                "first_seconds": 0.0,
+                "trajectories": [],
+            }
         if k == 0:
             warm_up(method, a, b, self.ctx)
         run = run_method(method, a, b, self.ctx, self.pair_seeds(k), on_pair=tell)
         tell(n, "lmc")
         aligned = P.apply(self.ctx.spec, run.perm, b, batch_dims=1)
         curves = pair_curves(self.ctx.module, a, aligned, pairs, self.data, self.points)
+        rows = _records(run, a, aligned, curves, pairs, k, self.ctx.spec)
+        for row, pos in zip(rows, self.positions[k], strict=True):
+            row["pos"] = pos
         return {
-            "rows": _records(run, a, aligned, curves, pairs, k, self.ctx.spec),
+            "rows": rows,
             "lambdas": curves["lambdas"],
             "loss": curves["loss"],
             "accuracy": curves["accuracy"],
@@ -268,7 +319,9 @@ def _settings(
         "data_examples": data.solver_examples,
         "data_split": "train" if data.is_classifier else "INR coordinates",
         "sinkhorn_steps": cfg.sinkhorn_steps,
-        "sinkhorn_loss": "task (cross-entropy at random lam)" if data.is_classifier else "l2",
+        "sinkhorn_loss": "task (cross-entropy at random lam)"
+        if data.is_classifier
+        else "output (MSE to the interpolated end networks' outputs at random lam)",
         "sinkhorn_chunk": cfg.sinkhorn_chunk,
         "trajectory_steps": trajectory_steps(cfg.sinkhorn_steps),
         "trajectory_pairs": min(cfg.trajectory_pairs, len(bench.drawn[0])),
@@ -304,7 +357,7 @@ def _method_entry(
     resumed = 0
     for k in range(seeds):
         event = {"method": method, "seed": k, "run": run_no + k, "runs": runs_total}
-        event["total"] = len(bench.drawn[k]) + 1
+        event["total"] = len(bench.positions[k]) + 1
 
         def tell(done: int, stage: str = "align", event=event) -> None:
             if on_progress is not None:
@@ -314,6 +367,11 @@ def _method_entry(
         rec = partial.get(method, k)
         if rec is not None:
             resumed += 1
+        elif bench.cfg.gather:
+            raise DeepAlignError(
+                f"--gather: {method} (seed {k}) is not finished by every shard; run the missing "
+                "--shard jobs first"
+            )
         else:
             try:
                 rec = bench.run(method, k, tell)
@@ -408,9 +466,20 @@ def run_bench(
     method_list = parse_methods(cfg.methods)
     cfg.options = check_options(method_list, cfg.options or {})
     out_path = check_out(out) if out is not None else None
+    part = ShardSlice.parse(cfg.shard)
+    if (part.count > 1 or cfg.gather) and out_path is None:
+        raise DeepAlignError("--shard and --gather need --out (the folder the shards share)")
+    if part.count > 1 and cfg.gather:
+        raise DeepAlignError("--gather assembles the shards' runs; give it without --shard")
     z = zoo if isinstance(zoo, Zoo) else Zoo(zoo)
-    bench = _Bench(z, aligner, cfg, method_list)
+    bench = _Bench(z, aligner, cfg, method_list, part)
+    if part.count > 1:
+        return _run_shard(bench, out_path, part, on_progress)
     partial = PartialRuns(out_path, bench.key)
+    if out_path is not None:
+        _, shards = gather_shards(out_path, bench.key, partial)
+        if cfg.gather and shards == 0:
+            raise DeepAlignError(f"{out_path}: no finished shard of this bench to gather")
     runs_total = len(method_list) * cfg.seeds
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
@@ -438,6 +507,29 @@ def run_bench(
         write_outputs(out_path, result)
         partial.finish()
     return result
+
+
+def _run_shard(
+    bench: _Bench, out: Path, part: ShardSlice, on_progress: ProgressFn | None
+) -> dict[str, Any]:
+    """Run this shard's pairs of every (method, seed) and keep them in its partial-runs file; the
+    tables come from ``--gather`` (or a plain rerun on the same folder) once every shard is done."""
+    partial = PartialRuns(out, bench.key, shard_file(part.index, part.count))
+    runs_total = len(bench.methods) * bench.cfg.seeds
+    failed = {}
+    for i, method in enumerate(bench.methods):
+        entry, _, _ = _method_entry(
+            bench, method, partial, i * bench.cfg.seeds, runs_total, on_progress
+        )
+        if entry["status"] != "ok":
+            failed[method] = entry["error"]
+    return {
+        "format": "deepalign-bench-shard/1",
+        "shard": [part.index, part.count],
+        "pairs": [len(p) for p in bench.positions],
+        "file": str(out / shard_file(part.index, part.count)),
+        "failed": failed,
+    }
 
 
 def _add_gap_closed(results: dict[str, dict[str, Any]], seeds: int, seed: int) -> None:

@@ -139,6 +139,15 @@ def bench(
         "-o",
         help="Solver option METHOD:KEY=VALUE, repeatable (e.g. -o sinkhorn:lr=0.05).",
     ),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="Run only slice i/n of every seed's pairs (or 'auto': the job array's index and "
+        "count); assemble the tables with --gather once every slice is done.",
+    ),
+    gather: bool = typer.Option(
+        False, "--gather", help="Assemble the tables from the finished --shard runs in --out."
+    ),
     seed: int = SEED,
     device: str = DEVICE,
     threads: int | None = THREADS,
@@ -146,6 +155,9 @@ def bench(
     """Every alignment method on the same held-out pairs of a zoo: barrier, AUC, time, curves.
 
     Example: deepalign bench --zoo zoos/mlp-digits --aligner aligners/mlp-digits --out bench/mlp-digits
+
+    On a job array: deepalign bench ... --out B --shard auto (one job per slice), then
+    deepalign bench ... --out B --gather (the same options): the numbers of one process.
     """
     from deepalign.bench import DEFAULT_METHODS, run_bench
 
@@ -169,7 +181,21 @@ def bench(
             eval_examples=eval_examples,
             trajectory_pairs=trajectory_pairs,
             options=options,
+            shard=shard,
+            gather=gather,
         )
+    if result.get("format") == "deepalign-bench-shard/1":
+        i, n = result["shard"]
+        console.print(
+            f"shard {i}/{n}: {sum(result['pairs'])} pairs done, kept in {result['file']}; "
+            "when every shard is done: the same command with --gather instead of --shard",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        for method, error in result["failed"].items():
+            console.print(f"{method} failed: {error}", markup=False, highlight=False)
+        return
     s = result["settings"]
     print_table(result, f"{s['task']}: {s['pairs']} test pairs x {s['seeds']} seed(s)")
     console.print(

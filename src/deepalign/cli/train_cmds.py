@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -85,7 +87,8 @@ def train(
         seed=seed,
     )
     cfg.validate()  # before the progress bar starts
-    with progress() as bar:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    with progress() if main else contextlib.nullcontext(_Silent()) as bar:
         task = bar.add_task("epoch 1", total=None)
 
         def on_step(epoch: int, step: int, means: dict) -> None:
@@ -115,4 +118,15 @@ def train(
             on_epoch=on_epoch,
             on_step=on_step,
         )
-    console.print(f"aligner written to {out} (config.json + model.safetensors)")
+    if main:
+        console.print(f"aligner written to {out} (config.json + model.safetensors)")
+
+
+class _Silent:
+    """A progress bar that draws nothing (the other ranks of a torchrun)."""
+
+    def add_task(self, *args: object, **kwargs: object) -> int:
+        return 0
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        pass

@@ -84,6 +84,20 @@ def _idx_reader(name: str) -> Callable[[str, Path | None], tuple[np.ndarray, np.
     return read
 
 
+def _pooled(
+    read: Callable, size: int
+) -> Callable[[str, Path | None], tuple[np.ndarray, np.ndarray]]:
+    """``read``'s images average-pooled to ``size`` x ``size`` (floats in [0, 1])."""
+
+    def pooled(split: str, folder: Path | None) -> tuple[np.ndarray, np.ndarray]:
+        x, y = read(split, folder)
+        t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+        small = torch.nn.functional.adaptive_avg_pool2d(t, size)
+        return small.numpy(), y
+
+    return pooled
+
+
 def _read_cifar10(split: str, folder: Path | None) -> tuple[np.ndarray, np.ndarray]:
     assert folder is not None
     if (folder / "cifar-10-batches-bin").is_dir():
@@ -111,6 +125,16 @@ SOURCES: dict[str, Source] = {
         FASHION_MNIST_DIR,
         "install it with `apt-get install dataset-fashion-mnist` or pass --data-dir FOLDER "
         "holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-*",
+    ),
+    "fashion-mnist-8x8": Source(
+        "fashion-mnist-8x8",
+        _pooled(_idx_reader("fashion-mnist"), 8),
+        (0.28865,),
+        (0.30161,),
+        10,
+        FASHION_MNIST_DIR,
+        "Fashion-MNIST average-pooled to 8x8 (the digits' size): install "
+        "dataset-fashion-mnist or pass --data-dir FOLDER with its IDX files",
     ),
     "mnist": Source(
         "mnist",

@@ -37,6 +37,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepalign.core.arch import activation
@@ -218,10 +219,54 @@ def _broadcast_sum(parts: list[Tensor], shared: set[int]) -> Tensor:
     return full
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over ranks, differentiable: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+def _synced_batchnorm(x: Tensor, bn: nn.BatchNorm1d) -> Tensor:
+    """Training-mode BatchNorm of ``(M, C)`` rows whose statistics cover every rank's rows (the
+    global batch of a data-parallel run); updates the running statistics the same way."""
+    c = x.shape[1]
+    local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])
+    total = _AllReduceSum.apply(local)  # gradients flow back to every rank's rows
+    count = total[-1]
+    mean = total[:c] / count
+    var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
+    out = (x - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        out = out * bn.weight + bn.bias
+    if bn.track_running_stats:
+        with torch.no_grad():
+            m = bn.momentum if bn.momentum is not None else 0.1
+            n = float(count)
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            bn.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+            bn.num_batches_tracked.add_(1)
+    return out
+
+
 class SlotNorm(nn.Module):
     """BatchNorm over the channels of every slot (statistics over batch and all entries of the slot).
 
-    ``inplace`` lets evaluation overwrite its inputs (the encoder only passes fresh tensors).
+    ``inplace`` lets evaluation overwrite its inputs (the encoder only passes fresh tensors). In a
+    data-parallel run (an initialised process group of several ranks) training statistics cover
+    the global batch.
     """
 
     def __init__(self, widths: Sequence[int], affine: bool = True, inplace: bool = False) -> None:
@@ -231,7 +276,11 @@ class SlotNorm(nn.Module):
 
     def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
         out = []
+        synced = self.training and _distributed()
         for n, x in zip(self.norms, xs, strict=True):
+            if synced:
+                out.append(_synced_batchnorm(x.reshape(-1, x.shape[-1]), n).reshape(x.shape))
+                continue
             if self.training or n.running_var is None:
                 out.append(n(x.reshape(-1, x.shape[-1])).reshape(x.shape))
                 continue

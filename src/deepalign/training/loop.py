@@ -22,6 +22,7 @@ from deepalign.core import permutation as P
 from deepalign.core.io import atomic_path, atomic_write_text
 from deepalign.errors import DeepAlignError
 from deepalign.training.augment import Augment
+from deepalign.training.distributed import Ranks
 from deepalign.training.losses import alignment_loss, lmc_loss, supervised_loss
 from deepalign.training.pairs import PairTask
 
@@ -141,8 +142,16 @@ def train_epoch(
     epoch: int,
     device: torch.device,
     on_step: Callable[[int, dict], None] | None = None,
+    ranks: Ranks | None = None,
+    net=None,
 ) -> dict:
-    """One epoch of steps; returns the mean of each loss term."""
+    """One epoch of steps; returns the mean of each loss term (of this rank's pairs).
+
+    Every step draws the whole global batch's randomness (pairs, planted permutations,
+    augmentations, the data batch, lam), then computes the loss of this rank's slice of the pairs
+    (``ranks``; all of them in a single process) with ``net`` (the model, or its DDP wrapper)."""
+    ranks = ranks or Ranks()
+    net = net if net is not None else model
     g = _epoch_generator(cfg.seed, epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout inside the model
     augment = Augment(**cfg.augment)
@@ -161,17 +170,25 @@ def train_epoch(
         t = P.random_permutation(spec, generator=g, batch=cfg.batch)
         planted = P.apply(spec, t, augment(a, spec, g), batch_dims=1)
         target = {k: v.to(device) for k, v in P.invert(t).items()}
+        if cfg.w_lmc:
+            x, y, criterion = task.batch(idx, g, device)
+            lam = torch.rand(cfg.batch, generator=g)
+        mine = ranks.share(cfg.batch)  # this rank's pairs
+        a, b, planted = ({k: v[mine] for k, v in s.items()} for s in (a, b, planted))
+        target = {k: v[mine] for k, v in target.items()}
+        n = a[next(iter(a))].shape[0]
         both_a = {k: torch.cat([a[k], a[k]]) for k in a}
         both_b = {k: torch.cat([planted[k], b[k]]) for k in b}
-        scores = model(both_a, both_b)
-        sup_scores = {k: q[: cfg.batch] for k, q in scores.items()}
-        soft = model.soft({k: q[cfg.batch :] for k, q in scores.items()})
+        scores = net(both_a, both_b)
+        sup_scores = {k: q[:n] for k, q in scores.items()}
+        soft = model.soft({k: q[n:] for k, q in scores.items()})
         terms = {"supervised": supervised_loss(sup_scores, target)}
         if cfg.w_alignment:
             terms["alignment"] = alignment_loss(spec, a, b, soft)
         if cfg.w_lmc:
-            x, y, criterion = task.batch(idx, g, device)
-            terms["lmc"] = lmc_loss(spec, module, a, b, soft, x, y, g, criterion)
+            if task.inr:  # per-pair targets: this rank's rows
+                y = y[mine]
+            terms["lmc"] = lmc_loss(spec, module, a, b, soft, x, y, None, criterion, lam=lam[mine])
         weights = {"supervised": cfg.w_supervised, "alignment": cfg.w_alignment, "lmc": cfg.w_lmc}
         loss = sum(weights[k] * v for k, v in terms.items())
         if not torch.isfinite(loss):

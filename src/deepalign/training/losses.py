@@ -65,17 +65,21 @@ def lmc_loss(
     soft: Mapping[str, Tensor],
     x: Tensor,
     target: Tensor,
-    g: torch.Generator,
+    g: torch.Generator | None,
     criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
+    lam: Tensor | None = None,
 ) -> Tensor:
-    """Task loss of ``(1-λ)·A + λ·P(B)`` at one random ``λ ~ U(0,1)`` per pair.
+    """Task loss of ``(1-λ)·A + λ·P(B)`` at one random ``λ ~ U(0,1)`` per pair (drawn from ``g``,
+    or given as ``lam``).
 
     Classifiers: ``x`` is one data batch shared by all pairs and ``target`` its labels
     (cross-entropy). Other tasks pass ``criterion(outputs (B, batch, ...), target)``.
     """
     moved = apply_soft(spec, soft, b, batch_dims=1)
     batch = next(iter(a.values())).shape[0]
-    lam = torch.rand(batch, generator=g).to(x.device)
+    if lam is None:
+        lam = torch.rand(batch, generator=g)
+    lam = lam.to(x.device)
     merged = interpolate_pairs(a, moved, lam)
     out = batched_forward(module, merged, x)
     if criterion is not None:

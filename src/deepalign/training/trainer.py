@@ -24,6 +24,7 @@ from deepalign.lmc.metrics import barrier
 from deepalign.nn.model import DeepAlign, DeepAlignConfig
 from deepalign.nn.weight_space import WeightSpaceLayout
 from deepalign.training.augment import Augment
+from deepalign.training.distributed import local_device, setup
 from deepalign.training.loop import (
     TrainConfig,
     load_training_state,
@@ -111,11 +112,17 @@ def train_aligner(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a Deep-Align aligner on ``zoo_path``'s train split; returns the final history row."""
+    """Train a Deep-Align aligner on ``zoo_path``'s train split; returns the final history row.
+
+    Under ``torchrun`` the global batch ``cfg.batch`` is split over the processes
+    (:mod:`deepalign.training.distributed`); rank 0 writes every file, every rank returns the
+    same row."""
     cfg = cfg or TrainConfig()
     cfg.validate()
     model_config = model_config or DeepAlignConfig()
-    device = torch.device(device)
+    device = local_device(torch.device(device))
+    ranks = setup(device)
+    ranks.share(cfg.batch)  # refuse a batch that does not split evenly, before any work
     out = Path(out)
     zoo = Zoo(zoo_path)
     if len(zoo.indices("train")) < 2 or len(zoo.indices("val")) < 2:
@@ -172,6 +179,16 @@ def train_aligner(
         "n_train_networks": len(train_idx),
         "train": asdict(cfg),
     }
+    if ranks.active:
+        info["processes"] = ranks.world
+    net = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if ranks.active
+        else model
+    )
+    report = on_step if ranks.main else None
     for epoch in range(start, cfg.epochs):
         row_train = train_epoch(
             model,
@@ -183,7 +200,9 @@ def train_aligner(
             cfg,
             epoch,
             device,
-            on_step=(lambda s, m, e=epoch: on_step(e, s, m)) if on_step else None,
+            on_step=(lambda s, m, e=epoch: report(e, s, m)) if report else None,
+            ranks=ranks,
+            net=net,
         )
         row = {
             "epoch": epoch,
@@ -191,16 +210,19 @@ def train_aligner(
             **validate(model, zoo, val, val_data, cfg, device),
         }
         history.append(row)
-        if row["val_barrier"] < best:
-            best = row["val_barrier"]
-            model.save_pretrained(out, zoo.config, {**info, "epoch": epoch, "metrics": row})
-        write_metrics(out / "metrics.jsonl", history)
-        plot_history(out / "training.png", history)
-        save_training_state(
-            state_path, model, optimizer, epoch, best, history, json.dumps(settings)
-        )
-        if on_epoch is not None:
-            on_epoch(row)
+        improved = row["val_barrier"] < best
+        best = min(best, row["val_barrier"])
+        if ranks.main:  # one writer; the others wait for its files before the next epoch
+            if improved:
+                model.save_pretrained(out, zoo.config, {**info, "epoch": epoch, "metrics": row})
+            write_metrics(out / "metrics.jsonl", history)
+            plot_history(out / "training.png", history)
+            save_training_state(
+                state_path, model, optimizer, epoch, best, history, json.dumps(settings)
+            )
+            if on_epoch is not None:
+                on_epoch(row)
+        ranks.barrier()
     if not (out / "config.json").exists():
         raise DeepAlignError(f"{out}: no epoch was trained (epochs={cfg.epochs})")
     return history[-1] if history else {}

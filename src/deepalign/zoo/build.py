@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,14 @@ class ShardSlice:
     count: int = 1
 
     @classmethod
-    def parse(cls, text: str | None) -> ShardSlice:
+    def parse(cls, text: str | None, env: Mapping[str, str] | None = None) -> ShardSlice:
+        """``i/n``, or ``auto``: the job array's index and count from the scheduler's environment
+        (Slurm's ``SLURM_ARRAY_TASK_ID`` minus ``SLURM_ARRAY_TASK_MIN``, and
+        ``SLURM_ARRAY_TASK_COUNT``; or ``DEEPALIGN_SHARD_INDEX`` and ``DEEPALIGN_SHARD_COUNT``)."""
         if not text:
             return cls()
+        if text == "auto":
+            return cls.from_env(os.environ if env is None else env)
         try:
             i, n = (int(p) for p in text.split("/"))
         except ValueError:
@@ -49,6 +54,28 @@ class ShardSlice:
         if n <= 0 or not 0 <= i < n:
             raise DeepAlignError(f"--shard {text!r}: need 0 <= i < n")
         return cls(i, n)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ShardSlice:
+        pairs = (
+            ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+            ("DEEPALIGN_SHARD_INDEX", "DEEPALIGN_SHARD_COUNT"),
+        )
+        for index_key, count_key in pairs:
+            if index_key in env and count_key in env:
+                try:
+                    index, count = int(env[index_key]), int(env[count_key])
+                    if index_key.startswith("SLURM"):
+                        index -= int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+                except ValueError:
+                    raise DeepAlignError(
+                        f"--shard auto: {index_key}/{count_key} are not integers"
+                    ) from None
+                return cls.parse(f"{index}/{count}")
+        raise DeepAlignError(
+            "--shard auto: no job array in the environment (SLURM_ARRAY_TASK_ID and "
+            "SLURM_ARRAY_TASK_COUNT, or DEEPALIGN_SHARD_INDEX and DEEPALIGN_SHARD_COUNT)"
+        )
 
     def shards(self, plan: ZooPlan) -> list[int]:
         return [k for k in range(plan.n_shards) if k % self.count == self.index]

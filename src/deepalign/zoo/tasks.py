@@ -73,6 +73,12 @@ TASKS: dict[str, Task] = {
             help="MLP 64-128-128-128-10 on digits (the paper's regime: wide layers, low barriers)",
         ),
         Task(
+            "mlp-fashion8", CLASSIFIER, "fashion-mnist-8x8", (32, 32, 32), _mlp(64), 2, 3e-3, 64,
+            train_subset=10_000, shard_size=500,
+            help="MLP 64-32-32-32-10 on Fashion-MNIST pooled to 8x8: the digits MLP's "
+            "architecture on other data (out-of-distribution pairs for a digits aligner)",
+        ),
+        Task(
             "cnn-digits", CLASSIFIER, "digits", (16, 32), _cnn(1, 8), 10, 3e-3, 64,
             shard_size=128, help="conv 16-32 (3x3, max-pool after each) + linear head on digits",
         ),
