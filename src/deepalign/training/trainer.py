@@ -8,6 +8,7 @@ for ``--resume``; read back with ``weights_only=True``).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -190,6 +191,7 @@ def train_aligner(
     )
     report = on_step if ranks.main else None
     for epoch in range(start, cfg.epochs):
+        started = time.perf_counter()
         row_train = train_epoch(
             model,
             optimizer,
@@ -204,9 +206,11 @@ def train_aligner(
             ranks=ranks,
             net=net,
         )
+        trained = time.perf_counter() - started
         row = {
             "epoch": epoch,
             "train": row_train,
+            "train_seconds": trained,
             **validate(model, zoo, val, val_data, cfg, device),
         }
         history.append(row)
