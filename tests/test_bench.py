@@ -326,9 +326,12 @@ def test_demo_quick_runs_end_to_end_and_reuses_its_work(cli, tmp_path):
     for name in OUTPUTS:
         assert (out / "bench" / name).is_file(), name
     assert (out / "zoo" / "manifest.json").is_file()
-    # the demo trains exactly what `deepalign train --size tiny` names
+    # the demo trains exactly what `deepalign train --size tiny` names, with its probe features
+    from deepalign.bench.demo import PROFILES
+
     trained = json.loads((out / "aligner" / "config.json").read_text())["model"]
-    assert trained == DeepAlignConfig(**MODEL_SIZES["tiny"]).to_dict()
+    want = DeepAlignConfig(**MODEL_SIZES["tiny"], probes=PROFILES["quick"].probes).to_dict()
+    assert trained == want and trained["probes"] > 0
     stored = json.loads((out / "bench" / "bench.json").read_text())
     assert list(stored["methods"]) == list(DEFAULT_METHODS)
     assert all(e["status"] == "ok" for e in stored["methods"].values())

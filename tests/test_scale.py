@@ -53,15 +53,15 @@ def test_two_processes_average_to_the_one_process_gradient(zoo, tmp_path):
 
 def test_torchrun_trains_the_aligner_one_process_trains(zoo, tmp_path):
     args = ["train", "--zoo", str(zoo), "--size", "tiny", "--epochs", "1", "--steps", "3"]
-    args += ["--batch", "8"]
+    # a small learning rate bounds what AdamW makes of rounding noise in analytically-zero
+    # gradients (biases before BatchNorm: steps of +-lr whatever their size)
+    args += ["--batch", "8", "--lr", "3e-4"]
     _run([sys.executable, "-m", "deepalign", *args, "--out", "one"], tmp_path)
     res = _run([*TORCHRUN, "2", "-m", "deepalign", *args, "--out", "two"], tmp_path)
     assert res.stdout.count("aligner written to") == 1  # rank 0 reports and writes
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "model.safetensors"))
-    # AdamW turns rounding noise in analytically-zero gradients (biases before BatchNorm) into
-    # steps of +-lr, so weights drift apart slightly; what the aligner computes does not
-    assert _rel(one, two) < 5e-3
+    assert _rel(one, two) < 1e-3
     a, b = (DeepAlign.from_pretrained(tmp_path / d) for d in ("one", "two"))
     z = Zoo(zoo)
     left, right = z.load(z.indices("val")[:2]), z.load(z.indices("val")[2:4])
@@ -74,19 +74,8 @@ def test_torchrun_trains_the_aligner_one_process_trains(zoo, tmp_path):
     info = (tmp_path / "two" / "config.json").read_text()
     assert '"processes": 2' in info
     # --resume under torchrun continues the run (one more epoch)
-    more = [
-        "train",
-        "--zoo",
-        str(zoo),
-        "--size",
-        "tiny",
-        "--epochs",
-        "2",
-        "--steps",
-        "3",
-        "--batch",
-        "8",
-    ]
+    more = list(args)
+    more[more.index("--epochs") + 1] = "2"  # one more epoch, every other setting as before
     _run([*TORCHRUN, "2", "-m", "deepalign", *more, "--out", "two", "--resume"], tmp_path)
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
 

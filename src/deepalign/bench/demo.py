@@ -25,7 +25,7 @@ from deepalign.bench.report import OUTPUTS
 from deepalign.bench.runner import DEFAULT_METHODS, check_out, run_bench
 from deepalign.core.io import atomic_write_text
 from deepalign.errors import DeepAlignError
-from deepalign.nn.sizes import MODEL_SIZES
+from deepalign.nn.sizes import DEFAULT_PROBES, MODEL_SIZES
 from deepalign.zoo.build import build_zoo
 from deepalign.zoo.loader import Zoo
 from deepalign.zoo.plan import make_plan
@@ -54,6 +54,7 @@ class DemoProfile:
     trajectory_pairs: int = 16
     train_extra: dict[str, Any] = field(default_factory=dict)  # other TrainConfig fields
     seed: int = 0
+    probes: int = DEFAULT_PROBES  # probe inputs of the aligner (the digits MLP supports them)
 
 
 PROFILES = {
@@ -159,7 +160,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Build the digits zoo, train the aligner, run the bench (each reused when already done).
 
-    The aligner's size is the profile's entry of :data:`deepalign.nn.sizes.MODEL_SIZES`.
+    The aligner's size is the profile's entry of :data:`deepalign.nn.sizes.MODEL_SIZES`, with the
+    profile's probe features.
     Returns ``{"out", "profile", "zoo", "aligner", "bench", "outputs", "result", "reused",
     "seconds"}``; ``result`` is the bench result (as in ``bench.json``).
     """
@@ -170,10 +172,10 @@ def run_demo(
     profile = PROFILES["quick" if quick else "full"]
     folder = check_out(out)
     stamp_path = folder / "demo.json"
-    model = dict(MODEL_SIZES[profile.size])
     plan = make_plan(
         TASK, profile.zoo_n, profile.seed, hidden=profile.zoo_hidden, epochs=profile.zoo_epochs
     )
+    model = {**MODEL_SIZES[profile.size], "probes": profile.probes}
     settings = json.loads(
         json.dumps({**asdict(profile), "model": model, "zoo_plan": plan.fingerprint})
     )

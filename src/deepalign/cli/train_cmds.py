@@ -58,6 +58,13 @@ def train(
     downsample: int | None = typer.Option(
         None, "--downsample", min=1, help="Compress wide inputs (e.g. 784 pixels) to K probes."
     ),
+    probes: int | None = typer.Option(
+        None,
+        "--probes",
+        min=0,
+        help="Probe features: each neuron's activations on K learned inputs (MLP and SIREN zoos; "
+        "default 64 there, 0 elsewhere; 0 = the paper's model).",
+    ),
     w_sup: float = typer.Option(1.0, "--w-supervised", help="Weight of the supervised loss."),
     w_align: float = typer.Option(1.0, "--w-alignment", help="Weight of the L2 alignment loss."),
     w_lmc: float = typer.Option(1.0, "--w-lmc", help="Weight of the LMC (task) loss."),
@@ -76,6 +83,15 @@ def train(
     if size not in MODEL_SIZES:
         raise DeepAlignError(f"--size {size!r}: choose from {', '.join(MODEL_SIZES)}")
     dev = resolve_device(device)
+    from deepalign.nn.sizes import default_probes
+    from deepalign.zoo.loader import Zoo
+
+    model = {
+        **MODEL_SIZES[size],
+        **({"downsample": downsample} if downsample else {}),
+        "probes": default_probes(Zoo(zoo).config) if probes is None else probes,
+    }
+    DeepAlignConfig(**model)  # a bad combination fails here, before the progress bar
     cfg = TrainConfig(
         epochs=epochs,
         batch=batch,
@@ -109,9 +125,7 @@ def train(
         train_aligner(
             zoo,
             out,
-            DeepAlignConfig(
-                **{**MODEL_SIZES[size], **({"downsample": downsample} if downsample else {})}
-            ),
+            DeepAlignConfig(**model),
             cfg,
             dev,
             resume,

@@ -26,6 +26,7 @@ from deepalign.core.spec import PermutationSpec
 from deepalign.errors import DeepAlignError
 from deepalign.nn.dws import DWSEncoder
 from deepalign.nn.pretrained import read_config, read_weights, write_folder
+from deepalign.nn.probes import ProbeFeatures
 from deepalign.nn.set_layers import POOLINGS, SET_LAYERS
 from deepalign.nn.weight_space import WeightSpaceLayout
 from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
@@ -46,6 +47,9 @@ class DeepAlignConfig:
       paper's MLP setting uses 8 for 784/3072-wide inputs; None keeps every input position).
     * ``activation`` is used inside the encoder; an analytic one (``tanh``, ``gelu``) gives
       Prop. 5's exactness guarantee. ``sinkhorn_iters`` is used by :meth:`DeepAlign.soft`.
+    * ``probes=K`` adds probe features (:mod:`deepalign.nn.probes`): each neuron's activations on
+      K learned inputs, through an MLP of width ``probe_hidden``, joined to the encoder's
+      embedding (MLP and SIREN chains; 0 = off, the paper's model).
     """
 
     hidden: int = 64
@@ -64,6 +68,8 @@ class DeepAlignConfig:
     batchnorm: bool = True
     input_norm: bool = True
     init_scale: float = 1.0
+    probes: int = 0
+    probe_hidden: int = 64
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,7 +78,14 @@ class DeepAlignConfig:
         def bad(msg: str) -> DeepAlignError:
             return DeepAlignError(f"Deep-Align config: {msg}")
 
-        for name in ("hidden", "n_layers", "out_features", "sinkhorn_iters", "n_heads"):
+        for name in (
+            "hidden",
+            "n_layers",
+            "out_features",
+            "sinkhorn_iters",
+            "n_heads",
+            "probe_hidden",
+        ):
             v = getattr(self, name)
             if (
                 not isinstance(v, int)
@@ -104,6 +117,8 @@ class DeepAlignConfig:
             or self.downsample < 1
         ):
             raise bad(f"downsample must be None or a positive integer, got {self.downsample!r}")
+        if not isinstance(self.probes, int) or isinstance(self.probes, bool) or self.probes < 0:
+            raise bad(f"probes must be a non-negative integer, got {self.probes!r}")
         if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
             raise bad(f"init_scale must be a positive number, got {self.init_scale!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -176,6 +191,11 @@ class DeepAlign(nn.Module):
         # Q = s^2 cos(a, a'): s is learned in log space so it can grow quickly from ``init_scale``
         # (s is the inverse temperature of the row softmax and of Sinkhorn).
         self.log_scale = nn.Parameter(torch.tensor(math.log(config.init_scale)))
+        self.probes = (
+            ProbeFeatures(layout, config.probes, config.out_features, config.probe_hidden)
+            if config.probes
+            else None
+        )
         self.arch: Mapping[str, Any] | None = None  # the networks' config, once known
         self.info: Mapping[str, Any] = {}
 
@@ -191,6 +211,12 @@ class DeepAlign(nn.Module):
         weights = tuple(w.to(device=p.device, dtype=p.dtype) for w in weights)
         biases = tuple(b.to(device=p.device, dtype=p.dtype) for b in biases)
         feats = self.encoder(weights, biases)
+        if self.probes is not None:  # the two descriptions of each neuron, equally weighted
+            seen = self.probes(weights, biases)
+            feats = [
+                F.normalize(a, dim=-1) + F.normalize(p, dim=-1)
+                for a, p in zip(feats, seen, strict=True)
+            ]
         scale = self.log_scale.exp()
         return [F.normalize(a, dim=-1) * scale for a in feats]
 

@@ -93,6 +93,20 @@ def validate(
     }
 
 
+def probe_inputs(zoo: Zoo, k: int, seed: int) -> Tensor:
+    """``k`` seeded training inputs of the zoo's task: images of its data set, or INR coordinates."""
+    if zoo.kind == "classifier":
+        data = zoo.dataset("train")
+        x = data.x
+    else:
+        x = zoo.targets(zoo.indices("train")[:1]).coords
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(x.shape[0], generator=g)[:k]
+    if len(pick) < k:  # fewer examples than probes (e.g. a short INR grid): repeat them
+        pick = pick.repeat(-(-k // len(pick)))[:k]
+    return x[pick].reshape(k, -1).float()
+
+
 def _positively_homogeneous(module: torch.nn.Module) -> bool:
     """True when every activation satisfies ``f(s x) = s f(x)`` for ``s > 0`` (ReLU, LeakyReLU)."""
     from torch import nn
@@ -147,6 +161,8 @@ def train_aligner(
     torch.manual_seed(cfg.seed)
     layout = WeightSpaceLayout.from_config(zoo.config)
     model = DeepAlign(layout, model_config).to(device)
+    if model.probes is not None:  # start the probe inputs at real examples (then learned)
+        model.probes.init_inputs(probe_inputs(zoo, model_config.probes, cfg.seed).to(device))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
     )
