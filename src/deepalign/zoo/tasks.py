@@ -56,8 +56,8 @@ def _cnn(c: int, size: int) -> Callable[[Sequence[int]], nn.Module]:
     return lambda h: _arch().cnn(c, list(h), 10, size)
 
 
-def _siren(d_in: int) -> Callable[[Sequence[int]], nn.Module]:
-    return lambda h: _arch().siren([d_in, *h, 1])
+def _siren(d_in: int, w0: float = 30.0) -> Callable[[Sequence[int]], nn.Module]:
+    return lambda h: _arch().siren([d_in, *h, 1], w0=w0)
 
 
 TASKS: dict[str, Task] = {
@@ -109,6 +109,11 @@ TASKS: dict[str, Task] = {
             "siren-sine", INR_SINE, None, (32, 32), _siren(1), 300, 1e-3,
             None, views=2, shard_size=256,
             help="SIREN 1-32-32-1 fitting sin(a x), a ~ U(0.5, 10), 2 views per wave",
+        ),
+        Task(
+            "siren-sine-w3", INR_SINE, None, (32, 32), _siren(1, w0=3.0), 300, 1e-3,
+            None, views=2, shard_size=256,
+            help="the same with w0 = 3 (instead of 30): views land in basins alignment connects",
         ),
     ]
 }  # fmt: skip
