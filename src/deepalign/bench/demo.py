@@ -60,14 +60,14 @@ class DemoProfile:
 PROFILES = {
     "full": DemoProfile(
         name="full",
-        zoo_n=1000,
+        zoo_n=2000,
         zoo_hidden=None,
         zoo_epochs=None,
         size="cpu",
-        train_epochs=8,
-        train_steps=40,
+        train_epochs=12,
+        train_steps=50,
         train_batch=32,
-        pairs=32,
+        pairs=64,
         points=25,
         sinkhorn_steps=100,
     ),

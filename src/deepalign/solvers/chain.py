@@ -136,7 +136,6 @@ def _rows(stacked: Mapping[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
 
 def _run_stage(
     stage: Method,
-    chain: Chain,
     a: Mapping[str, Tensor],
     b: Mapping[str, Tensor],
     spec: PermutationSpec,
@@ -263,7 +262,6 @@ def run_chain(
 
         perm, seconds, stage_infos, kind = _run_stage(
             stage,
-            chain,
             a,
             b,
             spec,
