@@ -12,6 +12,7 @@ from torch import nn
 import deepalign as da
 from arch_strategies import BUILDERS, Case
 from deepalign.core.spec import AxisPerm, PermutationSpec
+from deepalign.core.spec import Concat as ConcatEntry
 from deepalign.errors import DeepAlignError
 
 TOL = 1e-4
@@ -144,14 +145,15 @@ class Cumsum(nn.Module):
         return self.b(torch.cumsum(self.a(x), dim=-1))
 
 
-class Attention(nn.Module):
+class Rotate(nn.Module):
+    """Rotary-style mixing of a hidden axis by roll: no permutation rule."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.attn = nn.Linear(3, 4), nn.MultiheadAttention(4, 2)
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)
-        return self.attn(h, h, h)[0]
+        return self.b(torch.roll(self.a(x), 1, dims=-1))
 
 
 class Indexing(nn.Module):
@@ -176,8 +178,7 @@ class Branchy(nn.Module):
     ("model", "shape", "pattern"),
     [
         (Cumsum, (2, 3), r"function torch\.cumsum \(fx node 'cumsum'\)"),
-        (Attention, (2, 2, 3), r"module MultiheadAttention 'attn' \(fx node 'attn'\)"),
-        (Indexing, (2, 3), r"getitem \(fx node 'getitem'\)"),
+        (Rotate, (2, 3), r"function torch\.roll \(fx node 'roll'\)"),
         (lambda: nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4)), (2, 3), "module GroupNorm"),
         (
             lambda: nn.Sequential(nn.Conv2d(2, 4, 1, groups=2), nn.Flatten()),
@@ -199,9 +200,9 @@ def test_unsupported_models_give_one_line_errors(model, shape, pattern) -> None:
 
 
 def test_a_new_op_is_a_few_local_lines() -> None:
-    from deepalign.core import trace
+    from deepalign.core import trace, trace_ops
 
-    assert torch.cumsum not in trace._FUNCTIONS
+    assert torch.cumsum not in trace_ops._FUNCTIONS
     try:
 
         @trace.handles(torch.cumsum)
@@ -212,7 +213,7 @@ def test_a_new_op_is_a_few_local_lines() -> None:
         assert spec.groups == {}  # the hidden axis is fixed, so nothing is permuted (and no error)
         assert da.verify(Cumsum(), spec, torch.randn(2, 3)) == 0.0
     finally:
-        del trace._FUNCTIONS[torch.cumsum]
+        del trace_ops._FUNCTIONS[torch.cumsum]
 
 
 class Tied(nn.Module):
@@ -238,7 +239,7 @@ def test_tied_weights_share_their_permutation() -> None:
     assert da.verify(m, spec, x) < TOL
 
 
-class Concat(nn.Module):
+class TwoBranches(nn.Module):
     """Two branches concatenated on channels, a transpose, two inputs."""
 
     def __init__(self) -> None:
@@ -253,13 +254,24 @@ class Concat(nn.Module):
         return self.head(z)
 
 
-def test_concatenated_branches_stay_fixed_and_the_rest_moves() -> None:
-    m = Concat()
+def test_concatenated_branches_move_as_parts_of_one_axis() -> None:
+    m = TwoBranches()
     x, y = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     spec = da.spec_from_model(m, (x, y))
-    # a block-diagonal permutation of the 7 channels is not one group per axis: both stay fixed
-    assert spec.groups == {"mix.out": 5}
+    # the 7 channels of mix's input are a's 3 then b's 4: a block-diagonal permutation
+    assert spec.groups == {"a.out": 3, "b.out": 4, "mix.out": 5}
+    cat = ((AxisPerm("a.out"), 3), (AxisPerm("b.out"), 4))
+    assert spec.axes["mix.weight"] == (AxisPerm("mix.out"), ConcatEntry(cat), None, None)
     assert spec.axes["head.weight"] == (None, AxisPerm("mix.out"))
+    assert da.PermutationSpec.from_json(spec.to_json()) == spec
     perm = da.random_permutation(spec, seed=1)
     moved = da.permuted_module(m, spec, perm)
     torch.testing.assert_close(moved(x, y), m(x, y), atol=TOL, rtol=0)
+
+
+def test_a_partial_slice_pins_the_sliced_axis() -> None:
+    """Slicing part of a hidden axis keeps it unpermuted (and the function unchanged)."""
+    model, x = Indexing(), torch.randn(5, 3)
+    spec = da.spec_from_model(model, x)
+    assert "a.out" not in spec.groups and spec.axes["a.weight"] == (None, None)
+    assert da.verify(model, spec, x) < 1e-6

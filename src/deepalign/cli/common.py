@@ -87,7 +87,8 @@ INPUT_SHAPE = typer.Option(
     None,
     "--input-shape",
     help="One example's shape, to trace --model: e.g. 64 or 1,28,28 (default: the input size of "
-    "its first Linear layer).",
+    "its first Linear layer); for a model that starts with an Embedding, the number of tokens "
+    "(e.g. 8: token indices).",
 )
 
 

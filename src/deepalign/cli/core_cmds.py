@@ -37,9 +37,11 @@ def example_input(nets: Checkpoints, n: int = 64, seed: int = 0) -> torch.Tensor
     layer expects (images for conv nets)."""
     import torch
 
+    from deepalign.core.user_model import example_batch
+
     g = torch.Generator().manual_seed(seed)
     if nets.first.example is not None:
-        return torch.randn(n, *nets.first.example.shape[1:], generator=g)
+        return example_batch(tuple(nets.first.example.shape[1:]), n, seed, module=nets.module)
     module = nets.module
     first = next(m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     if isinstance(first, torch.nn.Linear):

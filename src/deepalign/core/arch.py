@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from deepalign.core.layers import Residual, Sine
+from deepalign.core.layers import Residual, Sine, ViT
 from deepalign.errors import DeepAlignError
 
 Config = dict[str, Any]
@@ -70,6 +70,19 @@ _LAYERS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict]]] = {
     "AvgPool2d": (nn.AvgPool2d, _attrs("kernel_size", "stride", "padding")),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, _attrs("output_size")),
     "Sine": (Sine, _attrs("w0")),
+    "ViT": (
+        ViT,
+        _attrs(
+            "image_size",
+            "patch_size",
+            "in_channels",
+            "dim",
+            "depth",
+            "heads",
+            "mlp_dim",
+            "n_classes",
+        ),
+    ),
     **{name: (cls, lambda m: {}) for name, cls in _PLAIN.items()},
 }
 _BY_CLASS = {cls: name for name, (cls, _) in _LAYERS.items()}

@@ -299,7 +299,7 @@ def load_network(
         raise DeepAlignError(f"{where}: the file does not fit the class: {diff}")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     shape = parse_shape(input_shape) if input_shape is not None else None
-    example = example_batch(shape) if shape is not None else None
+    example = example_batch(shape, module=module) if shape is not None else None
     spec = spec_of(module, example)
     spec.check(state, where=str(path))
     ref = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from deepalign.core.spec import PermutationSpec, StateDict
+from deepalign.core.spec import Concat, Entry, PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
 
 Permutation = dict[str, Tensor]
@@ -32,16 +32,47 @@ def random_permutation(
     generator: torch.Generator | None = None,
     batch: int | None = None,
 ) -> Permutation:
-    """A uniformly random permutation of every group (``batch`` of them when given), seeded."""
+    """A uniformly random permutation of every group (``batch`` of them when given), seeded.
+
+    Structured groups (attention heads) get a random order of their head group's heads and a random
+    permutation inside each head.
+    """
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    lead = () if batch is None else (batch,)
     out = {}
     for g, n in spec.groups.items():
-        if batch is None:
-            out[g] = torch.randperm(n, generator=generator)
-        else:
-            out[g] = torch.argsort(torch.rand(batch, n, generator=generator), dim=-1)
+        out[g] = torch.argsort(torch.rand(*lead, n, generator=generator), dim=-1)
+    for g, h in spec.heads.items():
+        heads, d = spec.groups[h], spec.head_size(g)
+        within = torch.argsort(torch.rand(*lead, heads, d, generator=generator), dim=-1)
+        out[g] = block_permutation(out[h], within)
     return out
+
+
+def block_permutation(heads: Tensor, within: Tensor) -> Tensor:
+    """The permutation of ``H * d`` units that takes head ``heads[i]`` to head ``i`` and, inside
+    it, unit ``within[i, j]`` to unit ``j`` (batched over leading dims)."""
+    d = within.shape[-1]
+    return (heads.unsqueeze(-1) * d + within).flatten(-2)
+
+
+def split_blocks(p: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`block_permutation`: ``(heads order, within-head permutations)``."""
+    blocks = p.unflatten(-1, (heads, -1))
+    d = blocks.shape[-1]
+    return blocks[..., 0] // d, blocks % d
+
+
+def check_structure(spec: PermutationSpec, perm: Mapping[str, Tensor], where: str = "") -> None:
+    """Raise unless every structured group moves whole heads as its head group says."""
+    for g, h in spec.heads.items():
+        heads, within = split_blocks(perm[g], spec.groups[h])
+        d = spec.head_size(g)
+        if not bool((perm[g].unflatten(-1, (spec.groups[h], d)) // d == heads.unsqueeze(-1)).all()):
+            raise DeepAlignError(f"{where}group {g!r} does not move whole heads")
+        if not torch.equal(heads, perm[h].to(heads.device)):
+            raise DeepAlignError(f"{where}group {g!r} does not follow its head order {h!r}")
 
 
 def invert(perm: Permutation) -> Permutation:
@@ -95,6 +126,24 @@ def _check_perm(
             raise DeepAlignError(f"permutation for group {g!r} has size {size}, expected {want}")
 
 
+def _on_axis(
+    x: Tensor, axis: int, entry: Entry, batch_dims: int, fn: Callable[[Tensor, str], Tensor]
+) -> Tensor:
+    """Run ``fn(block view, group)`` on every stretch of ``x``'s ``axis`` that ``entry`` moves."""
+    if entry is None:
+        return x
+    if not isinstance(entry, Concat):
+        return _along(x, axis, entry.inner, batch_dims, lambda t: fn(t, entry.group))
+    parts = x.split([n for _, n in entry.parts], dim=batch_dims + axis)
+    return torch.cat(
+        [
+            t if e is None else _along(t, axis, e.inner, batch_dims, lambda t, e=e: fn(t, e.group))
+            for t, (e, _) in zip(parts, entry.parts, strict=True)
+        ],
+        dim=batch_dims + axis,
+    )
+
+
 def apply(
     spec: PermutationSpec,
     perm: Mapping[str, Tensor],
@@ -103,25 +152,17 @@ def apply(
 ) -> StateDict:
     """Permute every acted-on axis of ``state``; tensors of ``perm`` may carry the batch dims too."""
     _check_perm(spec, perm, batch_dims, soft=False)
+
+    def move(t: Tensor, group: str) -> Tensor:
+        p = perm[group].to(t.device)
+        if p.dim() == 1:
+            return t.index_select(batch_dims, p)
+        return torch.gather(t, batch_dims, p.unsqueeze(-1).expand_as(t))
+
     out: StateDict = {}
     for key, x in state.items():
-        entries = spec.axes.get(key, ())
-        for axis, entry in enumerate(entries):
-            if entry is None:
-                continue
-            p = perm[entry.group].to(x.device)
-            if p.dim() == 1:
-                x = _along(
-                    x, axis, entry.inner, batch_dims, lambda t, p=p: t.index_select(batch_dims, p)
-                )
-            else:
-                x = _along(
-                    x,
-                    axis,
-                    entry.inner,
-                    batch_dims,
-                    lambda t, p=p: torch.gather(t, batch_dims, p.unsqueeze(-1).expand_as(t)),
-                )
+        for axis, entry in enumerate(spec.axes.get(key, ())):
+            x = _on_axis(x, axis, entry, batch_dims, move)
         out[key] = x
     return out
 
@@ -137,10 +178,13 @@ def apply_soft(
     out: StateDict = {}
     for key, x in state.items():
         for axis, entry in enumerate(spec.axes.get(key, ())):
-            if entry is None:
-                continue
-            m = mats[entry.group].to(device=x.device, dtype=x.dtype)
-            x = _along(x, axis, entry.inner, batch_dims, lambda t, m=m: m @ t)
+            x = _on_axis(
+                x,
+                axis,
+                entry,
+                batch_dims,
+                lambda t, g, x=x: mats[g].to(device=x.device, dtype=x.dtype) @ t,
+            )
         out[key] = x
     return out
 
@@ -181,4 +225,5 @@ def load_json(path: str | os.PathLike, spec: PermutationSpec | None = None) -> P
             raise DeepAlignError(f"{path}: group {g!r} is not a permutation")
     if spec is not None:
         _check_perm(spec, perm, 0, soft=False)
+        check_structure(spec, perm, where=f"{path}: ")
     return perm

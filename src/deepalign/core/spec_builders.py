@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from deepalign.core.layers import Residual
+from deepalign.core.layers import Residual, ViT
 from deepalign.core.spec import AxisPerm, PermutationSpec
 from deepalign.errors import DeepAlignError
 
@@ -125,7 +125,14 @@ def _walk(module: nn.Module) -> _Walker:
 
 
 def spec_for_module(module: nn.Module) -> PermutationSpec:
-    """The permutation spec of a layer tree built from supported layers (see :mod:`deepalign.core.arch`)."""
+    """The permutation spec of a layer tree built from supported layers (see :mod:`deepalign.core.arch`).
+
+    A :class:`~deepalign.core.layers.ViT` is traced on its own example input.
+    """
+    if isinstance(module, ViT):
+        from deepalign.core.trace import spec_from_model
+
+        return spec_from_model(module, module.example_input())
     walker = _walk(module)
     return PermutationSpec(walker.groups, walker.axes)
 

@@ -95,14 +95,26 @@ def parse_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def example_batch(shape: tuple[int, ...], n: int = 2, seed: int = 0) -> Tensor:
-    """``n`` random examples of one example's ``shape`` (tracing only looks at shapes)."""
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+def _first_layer(module: nn.Module) -> nn.Module | None:
+    kinds = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Embedding
+    return next((m for m in module.modules() if isinstance(m, kinds)), None)
+
+
+def example_batch(
+    shape: tuple[int, ...], n: int = 2, seed: int = 0, module: nn.Module | None = None
+) -> Tensor:
+    """``n`` random examples of one example's ``shape`` (tracing only looks at shapes): token
+    indices when ``module`` starts with an ``nn.Embedding`` (a language model), else floats."""
+    gen = torch.Generator().manual_seed(seed)
+    first = _first_layer(module) if module is not None else None
+    if isinstance(first, nn.Embedding):
+        return torch.randint(0, first.num_embeddings, (n, *shape), generator=gen)
+    return torch.randn(n, *shape, generator=gen)
 
 
 def guess_example(module: nn.Module) -> Tensor | None:
     """An example batch when the first layer says what it takes (a Linear: its input size)."""
-    first = next((m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    first = _first_layer(module)
     if isinstance(first, nn.Linear):
         return example_batch((first.in_features,))
     return None

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from deepalign.core.layers import Residual
+from deepalign.core.layers import Residual, ViT
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
 
@@ -79,6 +79,12 @@ class WeightSpaceLayout:
         from deepalign.core.spec_builders import spec_for_module
 
         for name, m in module.named_modules():
+            if isinstance(m, ViT):
+                raise DeepAlignError(
+                    f"{name or 'model'}: attention heads and residual streams are not in the "
+                    "weight-space view (Deep-Align takes chain networks: MLP, CNN, SIREN); align "
+                    "transformers with wm, am or sinkhorn"
+                )
             if isinstance(m, Residual):
                 raise DeepAlignError(
                     f"{name or 'model'}: residual connections tie non-neighbouring layers; the "

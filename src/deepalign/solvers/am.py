@@ -27,7 +27,7 @@ from deepalign.core.spec_builders import activation_probes
 from deepalign.core.trace import Traced, trace_model
 from deepalign.data.batches import labelled_batches, n_examples
 from deepalign.errors import DeepAlignError
-from deepalign.solvers.assignment import linear_assignment
+from deepalign.solvers.assignment import block_assignment, linear_assignment
 from deepalign.solvers.method import Method, Options
 from deepalign.solvers.wm import Scores, coordinate_descent
 
@@ -145,6 +145,10 @@ def _observer(
         return _Hooks(module, probes, a, b, device)
     traced = trace_model(copy.deepcopy(module).to(device).eval(), x[:2])
     groups = [g for g in traced.probes if traced.spec.groups.get(g) == spec.groups.get(g, -1)]
+    ties = spec.ties()  # an attention layer is matched by activations only if all of it is seen
+    groups = [
+        g for g in groups if g not in spec.heads or all(m in groups for m in ties[spec.heads[g]])
+    ]
     return _Traced(module, traced, groups, a, b, device)
 
 
@@ -219,9 +223,17 @@ def activation_matching(
     corr, dead = {}, []
     for g, st in stats.items():
         corr[g], has_dead = st.correlation()
+        if g in spec.heads:
+            continue  # below, with the other groups of its attention layer
         perm[g] = linear_assignment(corr[g]).to(device)
         if has_dead:
             dead.append(g)
+    for h, members in spec.ties().items():  # heads: one order, a matching inside every head
+        if not set(members) <= set(corr):
+            continue  # not seen by any op: weight matching below
+        order, perms, _ = block_assignment([corr[g] for g in members], spec.groups[h])
+        perm[h] = order.to(device)
+        perm.update({g: q.to(device) for g, q in zip(members, perms, strict=True)})
     if dead:  # break the ties of dead units by weights, other groups at the answer above
         scores = Scores(a, b, spec, dead)
         fixed = dict(perm)
@@ -237,7 +249,8 @@ def activation_matching(
         "mean_correlation": mean_corr,
         "groups_with_dead_units": dead,
     }
-    rest = [g for g in spec.groups if g not in probes]
+    seen = set(probes) | {h for h, ms in spec.ties().items() if set(ms) <= set(probes)}
+    rest = [g for g in spec.groups if g not in seen]
     if rest:
         perm, wm_info = coordinate_descent(a, b, spec, perm, seed, groups=rest, history=False)
         info["wm_groups"] = rest

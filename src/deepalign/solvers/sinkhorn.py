@@ -44,7 +44,7 @@ from deepalign.core.seeds import derive_seed
 from deepalign.core.spec import PermutationSpec, StateDict
 from deepalign.data.batches import labelled_batches
 from deepalign.errors import DeepAlignError
-from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
+from deepalign.solvers.assignment import block_assignment, linear_assignment, log_sinkhorn
 from deepalign.solvers.method import Method, Options
 from deepalign.solvers.objective import cost_keys
 
@@ -109,6 +109,20 @@ class _ScaledSinkhorn(torch.autograd.Function):
         right = torch.cat([cs, *(-q for q in reversed(qs))], -2)
         dk = dk + torch.bmm(left.mT, right)
         return (dk * k).to(ctx.out_dtype).reshape(grad.shape), None, None
+
+
+def head_matrices(scores: Tensor, heads: Tensor, tau: float, iters: int) -> Tensor:
+    """Soft permutations of a structured group (attention heads): ``P[(i, a), (k, b)] =
+    heads[i, k] * T_ik[a, b]`` with ``T_ik`` the Sinkhorn of the ``(i, k)`` block of ``scores``.
+
+    Doubly stochastic whenever ``heads`` is, and a hard permutation of the allowed form when both
+    are hard. ``scores`` is ``(..., n, n)``, ``heads`` ``(..., H, H)``.
+    """
+    n, h = scores.shape[-1], heads.shape[-1]
+    d = n // h
+    blocks = scores.unflatten(-1, (h, d)).unflatten(-3, (h, d)).transpose(-3, -2)
+    within = sinkhorn_matrices(blocks / tau, iters)
+    return (heads[..., None, None] * within).transpose(-3, -2).flatten(-2).flatten(-3, -2)
 
 
 def sinkhorn_matrices(x: Tensor, iters: int = 20) -> Tensor:
@@ -318,11 +332,28 @@ def sinkhorn_batch(
     del noise_rows
     adam = _Adam(scores, lr)
 
+    def by_group() -> dict[str, Tensor]:
+        return {
+            g: s[:, j]
+            for names, s in zip(buckets, scores, strict=True)
+            for j, g in enumerate(names)
+        }
+
     def hard() -> Permutation:
         out = {}
         for names, s in zip(buckets, scores, strict=True):
             p = linear_assignment(s.detach())
             out.update({g: p[:, j].to(device) for j, g in enumerate(names)})
+        now = by_group()
+        for h, members in spec.ties().items():  # heads: the best structured assignment
+            out.update({g: out[g].clone() for g in (h, *members)})
+            for i in range(n_pairs):
+                order, perms, _ = block_assignment(
+                    [now[g][i].detach() for g in members], spec.groups[h], now[h][i].detach()
+                )
+                out[h][i] = order.to(device)
+                for g, q in zip(members, perms, strict=True):
+                    out[g][i] = q.to(device)
         return out
 
     want = sorted({int(s) for s in (trajectory_steps or ()) if 0 <= int(s) <= steps})
@@ -354,6 +385,10 @@ def sinkhorn_batch(
         for names, s in zip(buckets, scores, strict=True):
             m = sinkhorn_matrices(s / tau, sinkhorn_iters).to(dtype)
             mats.update({g: m[:, j] for j, g in enumerate(names)})
+        if spec.heads:
+            now = by_group()
+            for g, h in spec.heads.items():
+                mats[g] = head_matrices(now[g], mats[h], tau, sinkhorn_iters).to(dtype)
         soft = apply_soft(spec, mats, b_used, batch_dims=1)
         if loss == "l2":
             per_pair = sum(((a_used[k] - soft[k]) ** 2).reshape(n_pairs, -1).sum(1) for k in a_used)

@@ -33,9 +33,9 @@ from torch import Tensor
 
 from deepalign.core import permutation as P
 from deepalign.core.permutation import Permutation
-from deepalign.core.spec import PermutationSpec, StateDict
+from deepalign.core.spec import AxisPerm, Entry, PermutationSpec, StateDict, pieces
 from deepalign.errors import DeepAlignError
-from deepalign.solvers.assignment import linear_assignment
+from deepalign.solvers.assignment import block_assignment, linear_assignment
 from deepalign.solvers.method import Method, Options
 from deepalign.solvers.objective import cost_keys, weight_inner
 
@@ -46,7 +46,16 @@ class _Term:
 
     a: Tensor  # A's tensor, the group's axis first (rows = n * inner of the group)
     b: Tensor  # B's tensor, the same layout
-    others: tuple[tuple[int, str, int], ...]  # (dim, group, inner) along which b is gathered
+    others: tuple[tuple[int, Entry], ...]  # (dim, entry) along which b is gathered
+
+    def groups(self) -> set[str]:
+        return {e.group for _, entry in self.others for e, _, _ in pieces(entry, 0)}
+
+    def gathered(self, perm: Permutation) -> Tensor:
+        x = self.b
+        for dim, entry in self.others:
+            x = x.index_select(dim, _axis_index(entry, perm, x.shape[dim], x.device))
+        return x
 
 
 STARTS = ("forward", "identity")
@@ -61,6 +70,22 @@ def _expand(p: Tensor, inner: int) -> Tensor:
     if inner == 1:
         return p
     return (p.unsqueeze(1) * inner + torch.arange(inner, device=p.device)).reshape(-1)
+
+
+def _axis_index(entry: Entry, perm: Permutation, size: int, device: torch.device) -> Tensor:
+    """Indices along a whole axis that ``entry`` moves as ``perm`` says (fixed parts stay)."""
+    if isinstance(entry, AxisPerm):
+        return _expand(perm[entry.group].to(device), entry.inner)
+    out, start = [], 0
+    for e, n in entry.parts:
+        idx = (
+            torch.arange(n, device=device)
+            if e is None
+            else _expand(perm[e.group].to(device), e.inner)
+        )
+        out.append(idx + start)
+        start += n
+    return torch.cat(out)
 
 
 class Scores:
@@ -94,23 +119,26 @@ class Scores:
             entries = spec.axes[key]
             ta, tb = a[key], b[key].to(a[key].device)
             for axis, entry in enumerate(entries):
-                if entry is None or entry.group not in self.const:
-                    continue
-                g, n = entry.group, spec.groups[entry.group]
-                am = ta.to(self.dtype).movedim(axis, 0).contiguous()
-                bm = tb.to(self.dtype).movedim(axis, 0).contiguous()
-                others = tuple(
-                    (ax + 1 if ax < axis else ax, e.group, e.inner)
-                    for ax, e in enumerate(entries)
-                    if e is not None and ax != axis
-                )
-                if not others:  # depends on no other group: multiply once
-                    part = am.reshape(n, -1) @ bm.reshape(n, -1).T
-                    c = self.const[g]
-                    self.const[g] = part if c is None else c + part
-                else:
-                    self.terms[g].append(_Term(am, bm, others))
-                    self.neighbours[g].update(h for _, h, _ in others)
+                for piece, start, length in pieces(entry, ta.shape[axis] if entry else 0):
+                    g, n = piece.group, spec.groups[piece.group]
+                    if g not in self.const:
+                        continue
+                    rows = slice(start, start + length)
+                    am = ta.to(self.dtype).movedim(axis, 0)[rows].contiguous()
+                    bm = tb.to(self.dtype).movedim(axis, 0)[rows].contiguous()
+                    others = tuple(
+                        (ax + 1 if ax < axis else ax, e)
+                        for ax, e in enumerate(entries)
+                        if e is not None and ax != axis
+                    )
+                    if not others:  # depends on no other group: multiply once
+                        part = am.reshape(n, -1) @ bm.reshape(n, -1).T
+                        c = self.const[g]
+                        self.const[g] = part if c is None else c + part
+                    else:
+                        term = _Term(am, bm, others)
+                        self.terms[g].append(term)
+                        self.neighbours[g].update(term.groups())
 
     def _rebuild(self, g: str, perm: Permutation) -> Tensor:
         n, c = self.sizes[g], self.const[g]
@@ -118,10 +146,7 @@ class Scores:
             c.clone() if c is not None else torch.zeros(n, n, dtype=self.dtype, device=self.device)
         )
         for t in self.terms[g]:
-            x = t.b
-            for dim, h, inner in t.others:
-                x = x.index_select(dim, _expand(perm[h], inner))
-            out.addmm_(t.a.reshape(n, -1), x.reshape(n, -1).T)
+            out.addmm_(t.a.reshape(n, -1), t.gathered(perm).reshape(n, -1).T)
         self.rebuilds += 1
         return out
 
@@ -132,11 +157,8 @@ class Scores:
             c.clone() if c is not None else torch.zeros(n, n, dtype=self.dtype, device=self.device)
         )
         for t in self.terms[g]:
-            if all(h in known for _, h, _ in t.others):
-                x = t.b
-                for dim, h, inner in t.others:
-                    x = x.index_select(dim, _expand(perm[h], inner))
-                out.addmm_(t.a.reshape(n, -1), x.reshape(n, -1).T)
+            if t.groups() <= known:
+                out.addmm_(t.a.reshape(n, -1), t.gathered(perm).reshape(n, -1).T)
         return out
 
     def _update(self, g: str, c: Tensor, seen: dict[str, Tensor], perm: Permutation) -> bool:
@@ -144,11 +166,14 @@ class Scores:
         changed = {h: (perm[h] != seen[h]).nonzero().squeeze(1) for h in seen}
         if any(len(j) > self.max_changed * len(perm[h]) for h, j in changed.items()):
             return False
-        if any(len(t.others) > 1 for t in self.terms[g]):
+        if any(
+            len(t.others) > 1 or not isinstance(t.others[0][1], AxisPerm) for t in self.terms[g]
+        ):
             return False
         n = self.sizes[g]
         for t in self.terms[g]:
-            dim, h, inner = t.others[0]
+            dim, entry = t.others[0]
+            h, inner = entry.group, entry.inner
             j = changed[h]
             if len(j) == 0:
                 continue
@@ -184,6 +209,38 @@ def _solve(c: Tensor) -> tuple[Tensor, bool]:
     return linear_assignment(c), True
 
 
+def _units(spec: PermutationSpec, free: list[str]) -> list[tuple[str, ...]]:
+    """Groups solved together: a plain group alone; a head group with every group it orders."""
+    ties = spec.ties()
+    units, seen = [], set()
+    for g in free:
+        h = spec.heads.get(g, g if g in ties else None)
+        unit = (g,) if h is None else (h, *ties[h])
+        if not seen & set(unit):
+            units.append(unit)
+            seen |= set(unit)
+    return units
+
+
+def _solve_unit(
+    spec: PermutationSpec, unit: tuple[str, ...], perm: Permutation, score: Any
+) -> tuple[dict[str, Tensor], float, float, bool]:
+    """Best answer for one unit with the rest of ``perm`` fixed: (new perms, new and old value,
+    whether an assignment solver ran)."""
+    if len(unit) == 1:
+        c = score(unit[0])
+        new, ran = _solve(c)
+        return {unit[0]: new}, _row_sum(c, new), _row_sum(c, perm[unit[0]]), ran
+    h, members = unit[0], unit[1:]
+    ch, cs = score(h), [score(g) for g in members]
+    order, perms, value = block_assignment(cs, spec.groups[h], ch)
+    old = _row_sum(ch, perm[h]) + sum(
+        _row_sum(c, perm[g]) for c, g in zip(cs, members, strict=True)
+    )
+    new = {h: order.to(perm[h].device), **dict(zip(members, perms, strict=True))}
+    return new, value, old, True
+
+
 def coordinate_descent(
     a: StateDict,
     b: StateDict,
@@ -209,9 +266,10 @@ def coordinate_descent(
     device = next(iter(a.values())).device
     free = list(spec.groups) if groups is None else list(groups)
     perm = {g: p.to(device) for g, p in (init or P.identity(spec, device=device)).items()}
+    units = _units(spec, free)
+    free = [g for g in spec.groups if any(g in u for u in units)]
     scores = Scores(a, b, spec, free)
     gen = torch.Generator().manual_seed(seed)
-    dirty = set(free)
     sweeps = solves = assignments = 0
     lsa_seconds = 0.0
     # the objective moves by exactly the gain of each accepted solve, unless a tensor carries one
@@ -223,34 +281,36 @@ def coordinate_descent(
     if init is None and start == "forward":
         sweeps += 1
         known = set(spec.groups) - set(free)
-        for g in free:
-            c = scores.partial(g, perm, known)
+        for unit in units:
             t0 = time.perf_counter()
-            perm[g], ran = _solve(c)
+            new, _, _, ran = _solve_unit(
+                spec, unit, perm, lambda g, known=known: scores.partial(g, perm, known)
+            )
             lsa_seconds += time.perf_counter() - t0
+            perm.update(new)
             solves += 1
             assignments += int(ran)
-            known.add(g)
+            known |= set(unit)
         if history:
             value = weight_inner(a, P.apply(spec, perm, b), spec)
             trace.append(value)
+    dirty = set(free)
     while dirty and sweeps < max_sweeps:
         sweeps += 1
-        for i in torch.randperm(len(free), generator=gen).tolist():
-            g = free[i]
-            if g not in dirty:
+        for i in torch.randperm(len(units), generator=gen).tolist():
+            unit = units[i]
+            if not dirty & set(unit):
                 continue
-            dirty.discard(g)
-            c = scores.score(g, perm)
+            dirty -= set(unit)
             t0 = time.perf_counter()
-            new, ran = _solve(c)
+            new, new_v, old_v, ran = _solve_unit(spec, unit, perm, lambda g: scores.score(g, perm))
             lsa_seconds += time.perf_counter() - t0
             solves += 1
             assignments += int(ran)
-            old_v, new_v = _row_sum(c, perm[g]), _row_sum(c, new)
             if new_v - old_v > tol * max(abs(old_v), 1e-30):
-                perm[g] = new
-                dirty |= scores.neighbours[g]
+                perm.update(new)
+                for g in unit:
+                    dirty |= scores.neighbours[g]
                 value += new_v - old_v
         if history:
             if exact:

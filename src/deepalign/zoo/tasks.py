@@ -56,6 +56,24 @@ def _cnn(c: int, size: int) -> Callable[[Sequence[int]], nn.Module]:
     return lambda h: _arch().cnn(c, list(h), 10, size)
 
 
+def _vit(
+    c: int, size: int, patch: int, depth: int, heads: int
+) -> Callable[[Sequence[int]], nn.Module]:
+    """``hidden = (dim, mlp_dim)``: the residual width and the MLP's hidden width."""
+
+    def make(h: Sequence[int]) -> nn.Module:
+        from deepalign.core.layers import ViT
+
+        dim, mlp_dim = (h[0], h[1]) if len(h) > 1 else (h[0], 2 * h[0])
+        if dim % heads:
+            raise DeepAlignError(
+                f"--hidden: the ViT's width {dim} must be a multiple of {heads} heads"
+            )
+        return ViT(size, patch, c, dim, depth, heads, mlp_dim, 10)
+
+    return make
+
+
 def _siren(d_in: int, w0: float = 30.0) -> Callable[[Sequence[int]], nn.Module]:
     return lambda h: _arch().siren([d_in, *h, 1], w0=w0)
 
@@ -81,6 +99,12 @@ TASKS: dict[str, Task] = {
         Task(
             "cnn-digits", CLASSIFIER, "digits", (16, 32), _cnn(1, 8), 10, 3e-3, 64,
             shard_size=128, help="conv 16-32 (3x3, max-pool after each) + linear head on digits",
+        ),
+        Task(
+            "vit-digits", CLASSIFIER, "digits", (32, 64), _vit(1, 8, 2, 2, 4), 30, 3e-3, 64,
+            shard_size=64,
+            help="ViT on digits: 2x2 patches, 2 pre-norm blocks of width 32 with 4 heads, MLP 64 "
+            "(--hidden DIM,MLP)",
         ),
         Task(
             "mlp-fashion", CLASSIFIER, "fashion-mnist", (128, 128, 128), _mlp(784), 2, 2e-3, 128,

@@ -1,0 +1,312 @@
+"""Transformers: attention heads in specs, the function kept, planted heads recovered, merging."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deepalign as da
+from deepalign.core import permutation as P
+from deepalign.core.spec import AxisPerm, Concat, PermutationSpec
+from deepalign.errors import DeepAlignError
+from deepalign.solvers import align
+from deepalign.solvers.assignment import block_assignment
+from deepalign.solvers.sinkhorn import head_matrices, sinkhorn_matrices
+from transformer_models import CausalSelfAttention, CrossDims, Seq2Seq, TinyGPT, TinyViT, UnfoldViT
+
+HERE = Path(__file__).parent
+
+CASES = {
+    "vit-prenorm": (lambda: TinyViT(), lambda g: torch.rand(4, 1, 8, 8, generator=g)),
+    "vit-postnorm-seq-first": (
+        lambda: TinyViT(norm_first=False, batch_first=False),
+        lambda g: torch.rand(4, 1, 8, 8, generator=g),
+    ),
+    "vit-unfold-patches": (lambda: UnfoldViT(), lambda g: torch.rand(4, 1, 8, 8, generator=g)),
+    "gpt-explicit-softmax": (
+        lambda: TinyGPT(),
+        lambda g: torch.randint(0, 20, (3, 8), generator=g),
+    ),
+    "gpt-sdpa-untied": (
+        lambda: TinyGPT(fused=True, tied=False),
+        lambda g: torch.randint(0, 20, (3, 8), generator=g),
+    ),
+    "seq2seq-decoder": (
+        lambda: Seq2Seq(),
+        lambda g: (torch.randn(6, 3, 5, generator=g), torch.randn(4, 3, 3, generator=g)),
+    ),
+    "mha-kdim-vdim": (lambda: CrossDims(), lambda g: torch.randn(3, 5, 4, generator=g)),
+}
+# heads per attention layer of each case
+HEADS = {
+    "vit-prenorm": [4, 4],
+    "vit-postnorm-seq-first": [4, 4],
+    "vit-unfold-patches": [3, 3],
+    "gpt-explicit-softmax": [4, 4],
+    "gpt-sdpa-untied": [4, 4],
+    "seq2seq-decoder": [2, 2, 2],
+    "mha-kdim-vdim": [2],
+}
+
+
+def _run(m, x):
+    return m(*x) if isinstance(x, tuple) else m(x)
+
+
+def _case(name: str, seed: int = 0):
+    make, inputs = CASES[name]
+    torch.manual_seed(seed)
+    m = make().eval()
+    g = torch.Generator().manual_seed(seed)
+    return m, inputs(g)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_permuted_transformers_compute_the_same_function(name: str) -> None:
+    m, x = _case(name)
+    spec = da.spec_from_model(m, x)
+    heads = [spec.groups[h] for h in spec.ties()]
+    assert heads == HEADS[name]
+    for g, h in spec.heads.items():  # every structured group: whole heads of equal size
+        assert spec.groups[g] == spec.groups[h] * spec.head_size(g) and spec.head_size(g) > 1
+    with torch.no_grad():
+        ref = _run(m, x)
+        for seed in range(3):
+            perm = da.random_permutation(spec, seed=seed)
+            P.check_structure(spec, perm)
+            moved = da.permuted_module(m, spec, perm).eval()
+            out = _run(moved, x)
+            # float32 sums of O(1) terms, reordered: a few ulps of the largest magnitudes
+            assert float((out - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+            assert any(not torch.equal(p, torch.arange(len(p))) for p in perm.values())
+
+
+def test_torch_attention_layout_queries_keys_values_and_the_residual_stream() -> None:
+    m, x = _case("vit-prenorm")
+    spec = da.spec_from_model(m, x)
+    pre = "encoder.layers.0.self_attn"
+    qk, v, heads = f"{pre}.qk", f"{pre}.v", f"{pre}.heads"
+    assert spec.heads[qk] == spec.heads[v] == heads and spec.groups[heads] == 4
+    res = spec.axes["cls"][2].group  # the residual stream: one group through the whole network
+    assert spec.axes[f"{pre}.in_proj_weight"] == (
+        Concat(((AxisPerm(qk), 16), (AxisPerm(qk), 16), (AxisPerm(v), 16))),
+        AxisPerm(res),
+    )
+    assert spec.axes[f"{pre}.out_proj.weight"] == (AxisPerm(res), AxisPerm(v))
+    for key in ("pos", "patch.weight", "norm.weight", "encoder.layers.1.norm2.bias"):
+        assert res in {e.group for e in spec.axes[key] if isinstance(e, AxisPerm)}
+    assert spec.axes["head.weight"] == (None, AxisPerm(res))
+    assert PermutationSpec.from_json(spec.to_json()) == spec
+    rows = {r["group"]: r for r in spec.describe()}
+    assert rows[qk]["heads"].startswith("4 x 4") and qk in rows[heads]["orders heads of"]
+
+
+def test_hand_written_attention_gets_the_same_groups() -> None:
+    m, x = _case("gpt-explicit-softmax")
+    spec = da.spec_from_model(m, x)
+    qkv = spec.axes["blocks.0.attn.qkv.weight"][0]
+    (q, nq), (k, nk), (v, nv) = qkv.parts
+    assert q == k != v and nq == nk == nv == 16
+    assert spec.heads[q.group] == spec.heads[v.group]
+    assert spec.axes["blocks.0.attn.proj.weight"][1] == v
+    assert spec.axes["blocks.0.attn.mask"] == (None, None, None, None)  # a buffer of positions
+    assert spec.axes["wte.weight"] == spec.axes["lm_head.weight"]  # tied: moved together
+    assert spec.axes["wte.weight"][0] is None  # the vocabulary is never permuted
+
+
+def test_structure_is_checked() -> None:
+    m, x = _case("vit-prenorm")
+    spec = da.spec_from_model(m, x)
+    perm = da.random_permutation(spec, seed=1)
+    g = next(iter(spec.heads))
+    broken = dict(perm)
+    broken[g] = torch.randperm(spec.groups[g], generator=torch.Generator().manual_seed(5))
+    with pytest.raises(DeepAlignError, match="does not move whole heads"):
+        P.check_structure(spec, broken)
+    shuffled = dict(perm)
+    h = spec.heads[g]
+    shuffled[h] = perm[h].roll(1)
+    with pytest.raises(DeepAlignError, match="does not follow its head order"):
+        P.check_structure(spec, shuffled)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_weight_matching_recovers_planted_heads_exactly(name: str) -> None:
+    m, x = _case(name, seed=1)
+    spec = da.spec_from_model(m, x)
+    a = m.state_dict()
+    planted = da.random_permutation(spec, seed=7)
+    assert any(not torch.equal(planted[h], torch.arange(spec.groups[h])) for h in spec.ties())
+    found, _ = align(a, P.apply(spec, planted, a), spec, "wm")
+    P.check_structure(spec, found)
+    want = P.invert(planted)
+    assert all(torch.equal(found[g], want[g]) for g in spec.groups)
+
+
+@pytest.mark.parametrize("name", ["gpt-sdpa-untied", "vit-prenorm"])
+def test_activation_matching_and_sinkhorn_recover_planted_heads(name: str) -> None:
+    m, x = _case(name, seed=2)
+    spec = da.spec_from_model(m, x)
+    a = m.state_dict()
+    planted = da.random_permutation(spec, seed=3)
+    b = P.apply(spec, planted, a)
+    g = torch.Generator().manual_seed(0)
+    data = CASES[name][1](g)
+    data = torch.cat([CASES[name][1](g) for _ in range(16)])
+    found, info = align(a, b, spec, "am", module=m, data=(data, None))
+    want = P.invert(planted)
+    assert all(torch.equal(found[k], want[k]) for k in spec.groups)
+    inside = info.get("wm_groups", [])
+    if name == "gpt-sdpa-untied":  # hand-written attention: every group is seen by activations
+        assert inside == []
+    else:  # torch's fused layers hide their attention and MLP activations: weights decide those
+        assert set(spec.heads) <= set(inside)
+    found, _ = align(a, b, spec, "sinkhorn", loss="l2", steps=150)
+    P.check_structure(spec, found)
+    assert all(torch.equal(found[k], want[k]) for k in spec.groups)
+
+
+def test_block_assignment_is_the_best_structured_permutation() -> None:
+    """Brute force over every head order and within-head permutations (H = 3, d = 2)."""
+    gen = torch.Generator().manual_seed(0)
+    h, d = 3, 2
+    costs = [torch.randn(h * d, h * d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    head_cost = torch.randn(h, h, generator=gen, dtype=torch.float64)
+    order, perms, value = block_assignment(costs, h, head_cost)
+    best = -float("inf")
+    withins = list(itertools.permutations(range(d)))
+    for sigma in itertools.permutations(range(h)):
+        s = torch.tensor(sigma)
+        total = float(head_cost[torch.arange(h), s].sum())
+        for c in costs:  # the within-head choices are independent per head and per group
+            for i in range(h):
+                blk = c[i * d : (i + 1) * d, sigma[i] * d : (sigma[i] + 1) * d]
+                total += max(float(blk[torch.arange(d), torch.tensor(w)].sum()) for w in withins)
+        best = max(best, total)
+    assert value == pytest.approx(best, rel=1e-9)
+    got = float(head_cost[torch.arange(h), order].sum()) + sum(
+        float(c[torch.arange(h * d), p].sum()) for c, p in zip(costs, perms, strict=True)
+    )
+    assert got == pytest.approx(best, rel=1e-9)
+    for p in perms:
+        assert torch.equal(P.split_blocks(p, h)[0], order)
+
+
+def test_head_matrices_are_doubly_stochastic_and_hard_when_their_parts_are() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h, d = 3, 4
+    heads = sinkhorn_matrices(torch.randn(2, h, h, generator=gen), 50)
+    soft = head_matrices(torch.randn(2, h * d, h * d, generator=gen), heads, 1.0, 50)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(2, h * d), atol=1e-4, rtol=0)
+    torch.testing.assert_close(soft.sum(-2), torch.ones(2, h * d), atol=1e-4, rtol=0)
+    order, within = torch.tensor([2, 0, 1]), torch.stack([torch.randperm(d) for _ in range(h)])
+    want = P.block_permutation(order, within)
+    big = torch.full((h * d, h * d), -60.0)
+    big[torch.arange(h * d), want] = 60.0
+    hard = head_matrices(big, torch.eye(h)[order], 1.0, 5)
+    torch.testing.assert_close(hard, P.to_matrices({"g": want})["g"], atol=1e-6, rtol=0)
+
+
+def test_unsupported_attention_forms_are_one_line_errors() -> None:
+    class Rotary(CausalSelfAttention):
+        def forward(self, x):  # rotary-style: rotate half of every head's dimensions
+            q = self.qkv(x)[..., :16]
+            rot = torch.cat([-q[..., 8:], q[..., :8]], dim=-1)
+            return self.proj(torch.roll(rot, 1, dims=-1))
+
+    with pytest.raises(DeepAlignError, match=r"torch\.roll") as info:
+        da.spec_from_model(Rotary(16, 4, 8), torch.randn(2, 8, 16))
+    assert "\n" not in str(info.value)
+
+    class PerHeadMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.register_buffer("mask", torch.zeros(6, 5, 5))  # (batch * heads, L, S)
+
+        def forward(self, x):
+            return self.attn(x, x, x, attn_mask=self.mask)[0]
+
+    with pytest.raises(DeepAlignError, match="per-head"):
+        da.spec_from_model(PerHeadMask(), torch.randn(3, 5, 8))
+
+
+# -- two trained ViTs --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vits():
+    from deepalign.data import load
+
+    tr, te = load("digits", "train", normalize=False), load("digits", "test", normalize=False)
+    x, y = tr.x.view(-1, 1, 8, 8), tr.y
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = TinyViT(dim=32, heads=4)
+        opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+        for _ in range(300):
+            idx = torch.randint(0, x.shape[0], (64,))
+            loss = F.cross_entropy(m(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        nets.append(m.eval())
+    return nets, (x, y, te.x.view(-1, 1, 8, 8), te.y)
+
+
+def test_two_trained_vits_merge_better_aligned_than_averaged(vits) -> None:
+    (a, b), (x, y, xt, yt) = vits
+    ex = xt[:2]
+    losses = {}
+    for method in ("identity", "am", "sinkhorn"):
+        opts = {"steps": 100} if method == "sinkhorn" else {}
+        merged = da.merge_models(a, b, method=method, example_input=ex, data=(x, y), **opts)
+        with torch.no_grad():
+            losses[method] = float(F.cross_entropy(merged(xt), yt))
+    for method in ("wm", "am", "sinkhorn"):
+        opts = {"steps": 5} if method == "sinkhorn" else {}
+        aligned, _ = da.align_models(a, b, method=method, example_input=ex, data=(x, y), **opts)
+        with torch.no_grad():
+            torch.testing.assert_close(aligned(xt), b(xt), atol=1e-4, rtol=1e-4)
+    # midpoint losses of such pairs (docs/results.md): averaging ~2.4, Sinkhorn ~1.2, am ~1.7
+    assert losses["sinkhorn"] < losses["identity"] - 0.3
+    assert losses["am"] < losses["identity"]
+
+
+def test_cli_aligns_the_users_transformer(cli, vits, tmp_path) -> None:
+    (a, b), (_, _, xt, _) = vits
+    shutil.copy(HERE / "transformer_models.py", tmp_path / "transformer_models.py")
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    model = f"{tmp_path / 'transformer_models.py'}:TinyViT"
+    common = ["--model", model, "--model-args", '{"dim": 32}', "--input-shape", "1,8,8"]
+    res = cli("align", tmp_path / "a.pt", tmp_path / "b.pt", *common, "--out", tmp_path / "c.pt")
+    assert res.code == 0, res.err
+    mine = TinyViT(dim=32).eval()
+    mine.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(mine(xt), b(xt), atol=1e-4, rtol=1e-4)
+    res = cli("inspect", tmp_path / "a.pt", *common)
+    assert res.code == 0 and "heads" in res.out, res.err
+
+
+def test_cli_on_a_language_model_traces_token_inputs(cli, tmp_path) -> None:
+    """--input-shape of a model that starts with an Embedding is a number of tokens."""
+    shutil.copy(HERE / "transformer_models.py", tmp_path / "transformer_models.py")
+    torch.manual_seed(0)
+    gpt = TinyGPT().eval()
+    torch.save(gpt.state_dict(), tmp_path / "a.pt")
+    common = ["--model", f"{tmp_path / 'transformer_models.py'}:TinyGPT", "--input-shape", "8"]
+    res = cli("permute", tmp_path / "a.pt", *common, "--seed", "3", "--out", tmp_path / "b.pt")
+    assert res.code == 0, res.err
+    res = cli("align", tmp_path / "a.pt", tmp_path / "b.pt", *common, "--out", tmp_path / "c.pt")
+    assert res.code == 0, res.err
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    moved = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert any(not torch.equal(moved[k], v) for k, v in gpt.state_dict().items())
+    for k, v in gpt.state_dict().items():  # the planted permutation, heads included, undone
+        assert torch.equal(back[k], v), k
