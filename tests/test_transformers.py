@@ -161,11 +161,10 @@ def test_activation_matching_and_sinkhorn_recover_planted_heads(name: str) -> No
     found, info = align(a, b, spec, "am", module=m, data=(data, None))
     want = P.invert(planted)
     assert all(torch.equal(found[k], want[k]) for k in spec.groups)
-    inside = info.get("wm_groups", [])
-    if name == "gpt-sdpa-untied":  # hand-written attention: every group is seen by activations
-        assert inside == []
-    else:  # torch's fused layers hide their attention and MLP activations: weights decide those
-        assert set(spec.heads) <= set(inside)
+    # every group is seen by activations: hand-written ops through the graph, torch's own
+    # attention and transformer layers through their query/value projections and MLP units
+    assert info.get("wm_groups", []) == []
+    assert set(info["mean_correlation"]) == set(spec.groups) - set(spec.ties())
     found, _ = align(a, b, spec, "sinkhorn", loss="l2", steps=150)
     P.check_structure(spec, found)
     assert all(torch.equal(found[k], want[k]) for k in spec.groups)
@@ -310,3 +309,78 @@ def test_cli_on_a_language_model_traces_token_inputs(cli, tmp_path) -> None:
     assert any(not torch.equal(moved[k], v) for k, v in gpt.state_dict().items())
     for k, v in gpt.state_dict().items():  # the planted permutation, heads included, undone
         assert torch.equal(back[k], v), k
+
+
+class _ReadBackSwapped(torch.nn.Module):
+    """Units viewed as (3, 4), then read back as (4, 3): not a head structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).view(-1, 3, 4).transpose(1, 2).reshape(-1, 12))
+
+
+class _PerHeadSum(torch.nn.Module):
+    """A sum inside every head: any permutation within a head, and any order of heads, keep it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 12), torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).view(-1, 3, 4).sum(-1))
+
+
+class _SharedScale(torch.nn.Module):
+    """One scale per head dimension, shared by all heads: only whole heads may move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 12), torch.nn.Linear(12, 3)
+        self.scale = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)).view(-1, 3, 4) * self.scale
+        return self.b(h.reshape(-1, 12))
+
+
+def test_head_views_that_do_not_hold_fall_back_safely() -> None:
+    x = torch.randn(6, 5)
+    swapped = da.spec_from_model(_ReadBackSwapped(), x)
+    assert swapped.groups == {}  # never guessed
+    per_head = da.spec_from_model(_PerHeadSum(), x)
+    assert per_head.heads == {"a.out": "a.out.heads"} and per_head.groups["a.out.heads"] == 3
+    shared = da.spec_from_model(_SharedScale(), x)
+    assert shared.heads == {} and shared.axes["a.weight"][0] == AxisPerm("a.out", 4)
+    assert shared.axes["scale"] == (None,)
+    for m, spec in (
+        (_ReadBackSwapped(), swapped),
+        (_PerHeadSum(), per_head),
+        (_SharedScale(), shared),
+    ):
+        for seed in range(4):
+            assert da.verify(m, spec, x, seed=seed) < 1e-5
+
+
+def test_lmc_and_sinkhorn_task_loss_on_token_sequences() -> None:
+    """Next-token data: logits (batch, positions, vocab) against labels (batch, positions)."""
+    from deepalign.lmc.curves import lmc_curve
+
+    torch.manual_seed(0)
+    a, b = TinyGPT().eval(), TinyGPT().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 20, (32, 8), generator=g), torch.randint(0, 20, (32, 8), generator=g)
+    curve = lmc_curve(a, a.state_dict(), b.state_dict(), (x, y), points=3)
+    with torch.no_grad():
+        want = F.cross_entropy(a(x).reshape(-1, 20), y.reshape(-1))
+        hits = (a(x).argmax(-1) == y).float().mean()
+    assert float(curve["loss"][0]) == pytest.approx(float(want), rel=1e-5)
+    assert float(curve["accuracy"][0]) == pytest.approx(float(hits), rel=1e-5)
+    spec = da.spec_from_model(a, x[:2])
+    perm, info = align(
+        a.state_dict(), b.state_dict(), spec, "sinkhorn", module=a, data=(x, y), steps=3
+    )
+    assert info["loss"] == "task" and len(info["loss_history"]) == 3
+    P.check_structure(spec, perm)

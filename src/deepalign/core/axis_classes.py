@@ -95,6 +95,7 @@ class AxisClasses:
                 if self.root(s.within) in is_fixed or self.root(s.within) in heavy:
                     d = size(s.within)  # within-head order is pinned: move whole heads only
                     changed |= self.union(s.head, s.whole, d)
+                    self.fixed.add(s.within)
                 else:
                     keep.append(s)
             self.splits = keep
@@ -148,12 +149,16 @@ class AxisClasses:
                     self.fixed.add(root)
                 for j in js:  # a part that is itself a join, or the whole again: leave alone
                     self.fixed.update(p for p in j.parts if self.root(p) in wholes)
+            heads = {self.root(s.head) for s in self.splits}
+            whole = {self.root(s.whole) for s in self.splits}
             for s in self.splits:
                 roots = {self.root(s.whole), self.root(s.head), self.root(s.within)}
                 if (
                     roots & fixed
                     or len(roots) < 3
                     or size(s.whole) != size(s.head) * size(s.within)
+                    or self.root(s.within) in heads | whole  # e.g. (H, d) read back as (d, H)
+                    or self.root(s.head) in whole
                 ):
                     self.fixed.update((s.whole, s.head, s.within))
             if len(self._fixed_roots()) == before:

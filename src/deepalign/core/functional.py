@@ -23,6 +23,14 @@ def unstack_state(stacked: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
     return {k: v[i] for k, v in stacked.items()}
 
 
+def untied(module: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` without the second names of tied weights (``functional_call`` takes one name per
+    tensor; a spec moves tied names alike, so the values agree)."""
+    names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    every = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    return {k: v for k, v in tensors.items() if k in names or k not in every}
+
+
 def batched_forward(
     module: nn.Module, stacked: Mapping[str, Tensor], x: Tensor, shared_input: bool = True
 ) -> Tensor:
@@ -32,7 +40,7 @@ def batched_forward(
     The module's mode (train/eval) decides BatchNorm behaviour; buffers in ``stacked`` are read, not
     updated.
     """
-    params = dict(stacked)
+    params = untied(module, stacked)
 
     def one(p: dict[str, Tensor], inp: Tensor) -> Tensor:
         return functional_call(module, p, (inp,))

@@ -46,7 +46,10 @@ class Attention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        # softmax(q k^T / sqrt(d)) v written out: vmap has batching rules for these ops (not for
+        # the fused CPU kernel), so many ViTs evaluate at once
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        y = torch.softmax(scores, dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

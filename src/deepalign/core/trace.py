@@ -17,10 +17,11 @@ Adding an op is a few local lines::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from deepalign.core import trace_attention  # noqa: F401  (registers the attention rules)
@@ -121,13 +122,17 @@ class Traced:
 
     ``probes[group] = (node, dim)``: the first output of a nonlinearity (in graph order) that
     carries the group's neurons on axis ``dim`` (activation matching correlates these), else the
-    first output of any op that does (attention's queries, say); groups seen by no op (inside a
-    leaf module such as ``nn.MultiheadAttention``) are absent.
+    first output of any op that does (attention's queries, say). ``inner[group] = (module, kind)``
+    for groups that live inside a leaf module (torch's attention and transformer layers): ``"q"``
+    and ``"v"``, the query and value projections of the ``nn.MultiheadAttention`` at ``module``;
+    ``"hidden"``, the activated MLP units of the transformer layer at ``module``. Groups seen
+    nowhere are absent.
     """
 
     spec: PermutationSpec
     graph: fx.GraphModule
     probes: dict[str, tuple[str, int]]
+    inner: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def activations(
         self, model: nn.Module, state: Mapping[str, Tensor], x: Tensor | tuple[Tensor, ...]
@@ -137,21 +142,59 @@ class Traced:
         gm = fx.GraphModule(model, self.graph.graph)
         used = gm.state_dict().keys()  # the graph keeps only the tensors the forward reads
         gm.load_state_dict({k: v for k, v in state.items() if k in used})
-        want = {node: (g, d) for g, (node, d) in self.probes.items()}
+        want: dict[str, list[tuple[str, int]]] = {}
+        for g, (node, d) in self.probes.items():
+            want.setdefault(node, []).append((g, d))
         seen: dict[str, Tensor] = {}
 
         class _Grab(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
                 out = super().run_node(n)
-                if n.name in want:
-                    g, d = want[n.name]
-                    seen[g] = out.movedim(d, -1).reshape(-1, out.shape[d])
+                for g, d in want.get(n.name, ()):
+                    seen[g] = out.detach().movedim(d, -1).reshape(-1, out.shape[d])
                 return out
 
+        hooks = [_observe(gm, path, kind, g, seen) for g, (path, kind) in self.inner.items()]
         inputs = x if isinstance(x, tuple) else (x,)
-        with torch.no_grad():
-            _Grab(gm.eval()).run(*inputs)
+        try:
+            # with gradients on, torch's transformer layers take their plain path (the fused
+            # inference kernels skip the submodule calls the hooks observe)
+            with torch.enable_grad():
+                for p in gm.parameters():
+                    p.requires_grad_(True)
+                _Grab(gm.eval()).run(*inputs)
+        finally:
+            for h in hooks:
+                h.remove()
         return seen
+
+
+def _observe(gm: nn.Module, path: str, kind: str, group: str, seen: dict[str, Tensor]) -> Any:
+    """A hook recording ``group``'s activations inside the leaf module at ``path``."""
+    if kind == "hidden":
+        layer = gm.get_submodule(path)
+
+        def after(_m: nn.Module, _args: Any, out: Tensor) -> None:
+            act = layer.activation(out)
+            seen[group] = act.detach().reshape(-1, act.shape[-1])
+
+        return layer.linear1.register_forward_hook(after)
+    mha = gm.get_submodule(path)
+
+    def before(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+        names = ("query", "key", "value")
+        x = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
+        e = m.embed_dim
+        rows = slice(0, e) if kind == "q" else slice(2 * e, 3 * e)
+        if m._qkv_same_embed_dim:
+            w = m.in_proj_weight[rows]
+        else:
+            w = m.q_proj_weight if kind == "q" else m.v_proj_weight
+        b = None if m.in_proj_bias is None else m.in_proj_bias[rows]
+        out = F.linear(x["query" if kind == "q" else "value"], w, b)
+        seen[group] = out.detach().reshape(-1, e)
+
+    return mha.register_forward_pre_hook(before, with_kwargs=True)
 
 
 def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Traced:
@@ -168,6 +211,7 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
             for d in range(t.dim()):
                 classes.union(("p", first, d), ("p", key, d), 1)
     virtual: dict[Elem, int] = {}
+    observers: dict[Elem, tuple[str, str]] = {}
 
     def tensor_axes(n: fx.Node) -> list[Elem]:
         shape = _shape(n)
@@ -215,6 +259,7 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
             classes.splits.append(s)
             linked |= {s.whole, s.head, s.within}
         virtual.update(op.sizes)
+        observers.update(op.observers)
         classes.fixed.update(e for e in touched if e not in linked)
     shapes = {n.name: _shape(n) for n in gm.graph.nodes}
     for n in gm.graph.nodes:
@@ -229,16 +274,27 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
 
     classes.resolve(size)
     spec, members = build_spec(state, classes, size)
-    probes = {}
+    probes, inner = {}, {}
+    for group, elems in members.items():
+        seen_at = [observers[e] for e in elems if e in observers]
+        if seen_at:
+            inner[group] = seen_at[0]
     calls = [n.name for n in gm.graph.nodes if n.op.startswith("call")]
     looked = nonlinear + [n for n in calls if n not in set(nonlinear)]  # else any activation
     for group, elems in members.items():
+        if group in spec.ties():
+            continue  # a head order is read off its groups' activations, never on its own
         for name in looked:
             dims = [d for kind, node, d in elems if kind == "t" and node == name]
             if dims:
                 probes[group] = (name, dims[0])
                 break
-    return Traced(spec, gm, probes)
+    for group in list(inner):  # a nonlinearity's output beats a projection inside a leaf
+        if group in probes and probes[group][0] in nonlinear:
+            del inner[group]
+        else:
+            probes.pop(group, None)
+    return Traced(spec, gm, probes, inner)
 
 
 def _item_axes(n: Any) -> list[Elem]:

@@ -50,6 +50,8 @@ def _attention(
     d = e // h
     qk, v = op.virtual(f"{prefix}.qk", e), op.virtual(f"{prefix}.v", e)
     heads = op.virtual(f"{prefix}.heads", h)
+    op.observe(qk, prefix, "q")
+    op.observe(v, prefix, "v")
     op.split_heads(qk, heads, op.virtual(f"{prefix}.qk.within", d))
     op.split_heads(v, heads, op.virtual(f"{prefix}.v.within", d))
     p = f"{prefix}."
@@ -94,6 +96,7 @@ def _mha(op: Op) -> None:
 def _feedforward(op: Op, prefix: str, layer: nn.Module, residual: Elem) -> None:
     p = f"{prefix}."
     hidden = op.virtual(f"{prefix}.linear1", layer.linear1.out_features)
+    op.observe(hidden, prefix, "hidden")
     op.link(residual, op.state(p + "linear1.weight", 1))
     op.link(hidden, op.state(p + "linear1.weight", 0))
     op.link(hidden, op.state(p + "linear1.bias", 0))

@@ -79,6 +79,7 @@ class Op:
         self.joins: list[Join] = []
         self.splits: list[HeadSplit] = []
         self.sizes: dict[Elem, int] = {}  # of virtual axes
+        self.observers: dict[Elem, tuple[str, str]] = {}  # virtual axis -> (module path, kind)
 
     # -- addressing -----------------------------------------------------------------------------
     def x(self, i: int, dim: int) -> Elem:
@@ -127,6 +128,11 @@ class Op:
         """``b`` is ``a`` with each neuron a block of ``factor`` entries."""
         if a is not None and b is not None:
             self.links.append((a, b, factor))
+
+    def observe(self, e: Elem, path: str, kind: str) -> None:
+        """Activations of the virtual axis ``e`` can be read at the module ``path`` (see
+        :class:`deepalign.core.trace.Traced`)."""
+        self.observers[e] = (path, kind)
 
     def join(self, whole: Elem | None, parts: list[Elem]) -> None:
         """``whole`` is the concatenation of ``parts`` along one axis."""

@@ -59,7 +59,24 @@ def _batch_loss(out: Tensor, y: Tensor | None, lam: float, loss_fn: LossFn | Non
         return loss_fn(out, y, lam)
     if y is None:
         raise DeepAlignError("lmc: classification data needs labels (or pass a loss function)")
-    return F.cross_entropy(out, y)
+    return per_example_ce(out, y).mean()
+
+
+def per_example_ce(out: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy per example of logits ``(..., batch, [positions...], classes)`` against labels
+    ``(batch, [positions...])`` (a language model's next tokens too): the mean over positions."""
+    lead = out.shape[: out.dim() - y.dim() - 1]
+    flat = F.cross_entropy(
+        out.reshape(-1, out.shape[-1]), y.expand(*lead, *y.shape).reshape(-1), reduction="none"
+    )
+    return flat.view(*lead, y.shape[0], -1).mean(-1)
+
+
+def per_example_hits(out: Tensor, y: Tensor) -> Tensor:
+    """Fraction of correct argmax predictions per example (over positions, for sequences)."""
+    lead = out.shape[: out.dim() - y.dim() - 1]
+    hits = (out.argmax(dim=-1) == y).to(out.dtype)
+    return hits.reshape(*lead, y.shape[0], -1).mean(-1)
 
 
 @torch.no_grad()
@@ -77,7 +94,7 @@ def evaluate(
         out = net(x)
         total += float(_batch_loss(out, y, lam, loss_fn)) * x.shape[0]
         if loss_fn is None:
-            correct += int((out.argmax(dim=-1) == y).sum())
+            correct += float(per_example_hits(out, y).sum())
         n += x.shape[0]
     if n == 0:
         raise DeepAlignError("lmc: the data set is empty")
@@ -196,11 +213,8 @@ def lmc_curves(
                 else:
                     if y is None:
                         raise DeepAlignError("lmc: classification data needs labels")
-                    flat = F.cross_entropy(
-                        out.reshape(m * x.shape[0], -1), y.repeat(m), reduction="none"
-                    )
-                    per = flat.view(m, x.shape[0]).mean(dim=1)
-                    hits = (out.argmax(dim=-1) == y.unsqueeze(0)).sum(dim=1)
+                    per = per_example_ce(out, y).mean(dim=1)
+                    hits = per_example_hits(out, y).sum(dim=1)
                     correct[s : s + m, j] += hits.double().cpu()
                 total[s : s + m, j] += per.double().cpu() * x.shape[0]
     loss = total / count

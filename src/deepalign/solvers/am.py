@@ -144,7 +144,11 @@ def _observer(
     if probes is not None and set(probes) <= set(spec.groups):
         return _Hooks(module, probes, a, b, device)
     traced = trace_model(copy.deepcopy(module).to(device).eval(), x[:2])
-    groups = [g for g in traced.probes if traced.spec.groups.get(g) == spec.groups.get(g, -1)]
+    groups = [
+        g
+        for g in [*traced.probes, *traced.inner]
+        if traced.spec.groups.get(g) == spec.groups.get(g, -1)
+    ]
     ties = spec.ties()  # an attention layer is matched by activations only if all of it is seen
     groups = [
         g for g in groups if g not in spec.heads or all(m in groups for m in ties[spec.heads[g]])

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from deepalign.core import permutation as P
-from deepalign.core.functional import batched_forward
+from deepalign.core.functional import batched_forward, untied
 from deepalign.core.permutation import Permutation, apply_soft
 from deepalign.core.seeds import derive_seed
 from deepalign.core.spec import PermutationSpec, StateDict
@@ -405,8 +405,12 @@ def sinkhorn_batch(
             merged = {k: v.detach() if k in buffers else v for k, v in merged.items()}
             out = _forward(net, merged, x, n_pairs)
             if loss == "task":
-                ce = F.cross_entropy(out.flatten(0, 1), y.repeat(n_pairs), reduction="none")
-                per_pair = ce.reshape(n_pairs, -1).mean(1)
+                flat = F.cross_entropy(  # class axis last: images or token sequences
+                    out.reshape(-1, out.shape[-1]),
+                    y.expand(n_pairs, *y.shape).reshape(-1),
+                    reduction="none",
+                )
+                per_pair = flat.reshape(n_pairs, -1).mean(1)
             else:
                 with torch.no_grad():
                     ends = [_forward(net, s, x, n_pairs) for s in (a_used, b_used)]
@@ -463,7 +467,8 @@ class _Adam:
 def _forward(net: nn.Module, stacked: Mapping[str, Tensor], x: Tensor, n_pairs: int) -> Tensor:
     """``batched_forward``; one pair skips ``vmap`` (the same result, without vmap's overhead)."""
     if n_pairs == 1:
-        return functional_call(net, {k: v[0] for k, v in stacked.items()}, (x,)).unsqueeze(0)
+        one = {k: v[0] for k, v in untied(net, stacked).items()}
+        return functional_call(net, one, (x,)).unsqueeze(0)
     return batched_forward(net, stacked, x)
 
 
