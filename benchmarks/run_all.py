@@ -34,6 +34,7 @@ def main() -> int:
         ("sinkhorn_speed", quick + (["--pairs", "8", "--chunks", "8"] if args.quick else [])),
         ("deepalign_speed", quick + (["--quick"] if args.quick else [])),
         ("zoo_speed", quick + ["--skip-fashion"]),
+        ("transformer_merge", ["--quick"] if args.quick else []),
     ]
     if args.zoo:
         jobs.append(

@@ -14,7 +14,7 @@ For each pair: the loss along ``(1 - lam) A + lam P(B)`` on held-out data at 11 
 barrier = max over lam of the loss above the chord. Methods: ``identity`` (plain averaging),
 ``wm``, ``am`` (training data), ``sinkhorn`` (task loss, 200 steps), ``wm+sinkhorn``.
 
-    .venv/bin/python benchmarks/transformer_merge.py --out bench-out/transformer_merge.json
+    .venv/bin/python benchmarks/transformer_merge.py --json bench-out/transformer_merge.json
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def fit(model: torch.nn.Module, data, steps: int, seed: int) -> torch.nn.Module:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench-out/transformer_merge.json")
+    ap.add_argument("--json", default="bench-out/transformer_merge.json")
     ap.add_argument("--kinds", default="vit,gpt")
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1500, help="training steps per network")
@@ -149,7 +149,7 @@ def main() -> int:
                 f"{kind} {m:12s} barrier {s['barrier_mean']:.3f} ± {s['barrier_std']:.3f}  "
                 f"acc@0.5 {s['mid_accuracy_mean']:.3f}  {s['seconds_median']:.2f} s"
             )
-    out = Path(args.out)
+    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     return 0

@@ -17,7 +17,15 @@ from deepalign.errors import DeepAlignError
 from deepalign.solvers import align
 from deepalign.solvers.assignment import block_assignment
 from deepalign.solvers.sinkhorn import head_matrices, sinkhorn_matrices
-from transformer_models import CausalSelfAttention, CrossDims, Seq2Seq, TinyGPT, TinyViT, UnfoldViT
+from transformer_models import (
+    CausalSelfAttention,
+    CrossDims,
+    RawPatches,
+    Seq2Seq,
+    TinyGPT,
+    TinyViT,
+    UnfoldViT,
+)
 
 HERE = Path(__file__).parent
 
@@ -41,6 +49,7 @@ CASES = {
         lambda g: (torch.randn(6, 3, 5, generator=g), torch.randn(4, 3, 3, generator=g)),
     ),
     "mha-kdim-vdim": (lambda: CrossDims(), lambda g: torch.randn(3, 5, 4, generator=g)),
+    "raw-patches-unfold": (lambda: RawPatches(), lambda g: torch.randn(3, 1, 8, 8, generator=g)),
 }
 # heads per attention layer of each case
 HEADS = {
@@ -51,6 +60,7 @@ HEADS = {
     "gpt-sdpa-untied": [4, 4],
     "seq2seq-decoder": [2, 2, 2],
     "mha-kdim-vdim": [2],
+    "raw-patches-unfold": [2],
 }
 
 

@@ -176,3 +176,19 @@ class CrossDims(nn.Module):
         q, kv = self.q(x), torch.relu(self.kv(x))
         out, _ = self.attn(q, kv, kv)
         return self.head(out.mean(1))
+
+
+class RawPatches(nn.Module):
+    """Patches cut with F.unfold and Tensor.unfold, fixed sinusoidal positions from arange."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.unfold(x, 4, stride=4).transpose(1, 2)
+        q = x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], -1, 16)
+        pos = torch.sin(torch.arange(p.shape[1], dtype=x.dtype)).unsqueeze(-1)
+        return self.head(self.layer(self.embed(p) + self.embed(q) + pos).mean(1))

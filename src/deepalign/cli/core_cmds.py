@@ -120,8 +120,12 @@ def inspect(
     )
     console.print(str(nets.module), markup=False, highlight=False)
     for row in spec.describe():
+        shape = f"  heads x units: {row['heads']}" if "heads" in row else ""
+        if "orders heads of" in row:
+            shape = f"  head order of {row['orders heads of']}"
         console.print(
-            f"  {row['group']:>6}  size {row['size']:>5}  {', '.join(row['axes'])}", markup=False
+            f"  {row['group']:>6}  size {row['size']:>5}{shape}  {', '.join(row['axes'])}",
+            markup=False,
         )
 
 

@@ -4,8 +4,9 @@ The graph is traced once and run on the example input to learn every node's shap
 rule (:mod:`deepalign.core.trace_ops`, :mod:`deepalign.core.trace_attention`) relates the axes of
 its inputs, output and weights; :mod:`deepalign.core.axis_classes` turns the relations into
 permutation groups. The graph's inputs and outputs are fixed. An op without a rule is an error
-naming the op and the fx node, never a guess; an op whose inputs are not tensors (``torch.arange``
-positions, say) needs no rule: its output is a constant, and constants are never permuted.
+naming the op and the fx node, never a guess; an op computed from the graph's inputs and constants
+alone (patches cut from the image, positions from ``torch.arange``) needs no rule: no neuron axis
+can reach it.
 
 Adding an op is a few local lines::
 
@@ -218,8 +219,10 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
         return [("t", n.name, d) for d in range(len(shape or ()))]
 
     nonlinear: list[str] = []
+    raw: set[str] = set()  # nodes computed from the graph's inputs and constants alone
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
+            raw.add(node.name)
             nodes = [node] if node.op == "placeholder" else _tensor_args(node)
             classes.fixed.update(e for n in nodes for e in tensor_axes(n))
             if node.op == "output":  # items of a returned tuple output too
@@ -239,8 +242,13 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
         touched = [e for n in op.ins for e in tensor_axes(n)] + outputs
         if not touched:
             continue  # pure Python on sizes: cannot move any neuron
-        if not op.ins and not _reads_items(node):
-            classes.fixed.update(outputs)  # made from no tensor (torch.arange...): a constant
+        sources = [a for a in node.args if isinstance(a, fx.Node)] if _reads_items(node) else op.ins
+        weightless = module is None or not list(module.state_dict())
+        if all(n.name in raw for n in sources) and weightless:
+            # made from the raw inputs or from no tensor at all (patches cut from the image,
+            # positions from torch.arange): no neuron axis can reach it, so it needs no rule
+            raw.add(node.name)
+            classes.fixed.update(outputs)
             continue
         handler = _handler(node, module)
         if handler is None:
