@@ -275,3 +275,23 @@ def test_a_partial_slice_pins_the_sliced_axis() -> None:
     spec = da.spec_from_model(model, x)
     assert "a.out" not in spec.groups and spec.axes["a.weight"] == (None, None)
     assert da.verify(model, spec, x) < 1e-6
+
+
+class Unflatten(nn.Module):
+    """A Linear's output unflattened into a feature map: channels of 9 entries each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.conv = nn.Linear(5, 2 * 3 * 3), nn.Conv2d(2, 4, 3, padding=1)
+        self.out = nn.Linear(4 * 9, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x)).view(-1, 2, 3, 3)
+        return self.out(torch.relu(self.conv(h)).flatten(1))
+
+
+def test_an_unflattened_feature_map_keeps_its_channel_group() -> None:
+    x = torch.randn(3, 5)
+    spec = da.spec_from_model(Unflatten(), x)
+    assert spec.axes["fc.weight"] == (AxisPerm("fc.out", 9), None) and spec.groups["fc.out"] == 2
+    assert da.verify(Unflatten(), spec, x) < TOL

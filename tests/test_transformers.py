@@ -22,8 +22,10 @@ from transformer_models import (
     CrossDims,
     RawPatches,
     Seq2Seq,
+    TimmStyleViT,
     TinyGPT,
     TinyViT,
+    Translator,
     UnfoldViT,
 )
 
@@ -50,6 +52,11 @@ CASES = {
     ),
     "mha-kdim-vdim": (lambda: CrossDims(), lambda g: torch.randn(3, 5, 4, generator=g)),
     "raw-patches-unfold": (lambda: RawPatches(), lambda g: torch.randn(3, 1, 8, 8, generator=g)),
+    "vit-timm-qkv-reshape": (lambda: TimmStyleViT(), lambda g: torch.rand(3, 1, 8, 8, generator=g)),
+    "torch-transformer": (
+        lambda: Translator(),
+        lambda g: (torch.randn(2, 5, 3, generator=g), torch.randn(2, 4, 2, generator=g)),
+    ),
 }
 # heads per attention layer of each case
 HEADS = {
@@ -61,6 +68,8 @@ HEADS = {
     "seq2seq-decoder": [2, 2, 2],
     "mha-kdim-vdim": [2],
     "raw-patches-unfold": [2],
+    "vit-timm-qkv-reshape": [4],
+    "torch-transformer": [2, 2, 2],
 }
 
 

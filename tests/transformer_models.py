@@ -192,3 +192,51 @@ class RawPatches(nn.Module):
         q = x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], -1, 16)
         pos = torch.sin(torch.arange(p.shape[1], dtype=x.dtype)).unsqueeze(-1)
         return self.head(self.layer(self.embed(p) + self.embed(q) + pos).mean(1))
+
+
+class TimmAttention(nn.Module):
+    """timm's layout: ``qkv(x).reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class TimmStyleViT(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(1, dim, 4, stride=4)
+        self.norm1, self.attn = nn.LayerNorm(dim), TimmAttention(dim, heads)
+        self.norm2, self.mlp = (
+            nn.LayerNorm(dim),
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+        )
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+class Translator(nn.Module):
+    """torch's whole encoder-decoder ``nn.Transformer`` between two embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src, self.tgt = nn.Linear(3, 8), nn.Linear(2, 8)
+        self.transformer = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.src(src), self.tgt(tgt)))

@@ -47,6 +47,17 @@ class Join:
     parts: tuple[Elem, ...]
 
 
+@dataclass(frozen=True)
+class Choice:
+    """Two readings of one reshape, settled once every op is linked: when ``pivot`` is fixed (a
+    fused ``q|k|v`` axis taken apart), the ``join`` and ``splits``; else the block ``link``."""
+
+    pivot: Elem
+    link: tuple[Elem, Elem, int]
+    join: Join
+    splits: tuple[HeadSplit, ...]
+
+
 class AxisClasses:
     """Union-find over axes; ``weight(x) / weight(root)`` is x's block length relative to the root."""
 
@@ -56,6 +67,7 @@ class AxisClasses:
         self.fixed: set[Elem] = set()
         self.joins: list[Join] = []
         self.splits: list[HeadSplit] = []
+        self.choices: list[Choice] = []
 
     def find(self, x: Elem) -> tuple[Elem, Fraction]:
         if x not in self.parent:
@@ -86,6 +98,12 @@ class AxisClasses:
     # -- joins and head splits ------------------------------------------------------------------
     def resolve(self, size: Callable[[Elem], int]) -> None:
         """Settle joins and head splits: merge what they imply, fall back where they cannot hold."""
+        for c in self.choices:
+            if self.root(c.pivot) in self._fixed_roots():
+                self.joins.append(c.join)
+                self.splits.extend(c.splits)
+            else:
+                self.union(*c.link)
         while True:
             changed = self._merge_implied()
             is_fixed = self._fixed_roots()

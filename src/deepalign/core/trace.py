@@ -266,6 +266,9 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
         for s in op.splits:
             classes.splits.append(s)
             linked |= {s.whole, s.head, s.within}
+        for c in op.choices:
+            classes.choices.append(c)
+            linked |= {c.pivot, c.join.whole, c.splits[0].head, c.splits[0].within}
         virtual.update(op.sizes)
         observers.update(op.observers)
         classes.fixed.update(e for e in touched if e not in linked)
@@ -278,7 +281,7 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
         kind, name, d = e
         if kind == "p":
             return state[name].shape[d]
-        return virtual[e] if kind == "v" else shapes[name][d]
+        return virtual[e] if kind in ("v", "a") else shapes[name][d]
 
     classes.resolve(size)
     spec, members = build_spec(state, classes, size)

@@ -160,3 +160,19 @@ def _decoder_rule(op: Op) -> None:
     for i, layer in enumerate(op.module.layers):
         _decoder_layer(op, f"{op.node.target}.layers.{i}", layer, r, memory)
     _final_norm(op, op.module.norm, r)
+
+
+@handles(nn.Transformer)
+def _transformer_rule(op: Op) -> None:
+    """``nn.Transformer(src, tgt)``: the encoder's stream is the decoder's memory."""
+    src, tgt = op.inp(op.arg(0, "src"), -1), op.inp(op.arg(1, "tgt"), -1)
+    op.leading(1)
+    op.link(tgt, op.y(-1))
+    m, prefix = op.module, str(op.node.target)
+    for i, layer in enumerate(m.encoder.layers):
+        _encoder_layer(op, f"{prefix}.encoder.layers.{i}", layer, src)
+    for i, layer in enumerate(m.decoder.layers):
+        _decoder_layer(op, f"{prefix}.decoder.layers.{i}", layer, tgt, src)
+    for part, stream in (("encoder", src), ("decoder", tgt)):
+        op.link(stream, op.param(f"{part}.norm.weight", 0))
+        op.link(stream, op.param(f"{part}.norm.bias", 0))

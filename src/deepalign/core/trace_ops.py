@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from deepalign.core.axis_classes import Elem, HeadSplit, Join
+from deepalign.core.axis_classes import Choice, Elem, HeadSplit, Join
 from deepalign.core.layers import Sine
 from deepalign.errors import DeepAlignError
 
@@ -80,6 +80,7 @@ class Op:
         self.splits: list[HeadSplit] = []
         self.sizes: dict[Elem, int] = {}  # of virtual axes
         self.observers: dict[Elem, tuple[str, str]] = {}  # virtual axis -> (module path, kind)
+        self.choices: list[Choice] = []
 
     # -- addressing -----------------------------------------------------------------------------
     def x(self, i: int, dim: int) -> Elem:
@@ -179,10 +180,30 @@ class Op:
                 self.split_heads(whole, h, d)
                 continue
             block_a, block_b = prod(a[1:]), prod(b[1:])
+            if len(ins) == 1 and len(outs) == 3 and min(b) > 1:  # (k*H*d) -> (k, H, d)
+                self._fused_heads(self.x(0, ins[0]), [self.y(d) for d in outs], b, block_b)
+                continue
             if block_a % block_b == 0:
                 self.link(self.x(0, ins[0]), self.y(outs[0]), block_a // block_b)
             elif block_b % block_a == 0:
                 self.link(self.y(outs[0]), self.x(0, ins[0]), block_b // block_a)
+
+    def _fused_heads(self, whole: Elem, outs: list[Elem], sizes: list[int], block: int) -> None:
+        """``(k * H * d) -> (k, H, d)``: a fused projection (``qkv.reshape(B, N, 3, H, d)``) when
+        the ``k`` axis is then taken apart (unbind, indexing), else channels of ``H * d`` entries
+        (a flattened feature map unflattened); :class:`AxisClasses` decides once all is linked."""
+        k, h, d = outs
+        parts = [("a", f"{self.node.name}.part{i}", 0) for i in range(sizes[0])]
+        for e in parts:
+            self.sizes[e] = sizes[1] * sizes[2]
+        self.choices.append(
+            Choice(
+                k,
+                (k, whole, block),
+                Join(whole, tuple(parts)),
+                tuple(HeadSplit(e, h, d) for e in parts),
+            )
+        )
 
 
 def _segments(a: tuple[int, ...], b: tuple[int, ...]) -> Iterable[tuple[list[int], list[int]]]:
