@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import deepalign as da
 from deepalign.core import permutation as P
@@ -403,3 +405,34 @@ def test_lmc_and_sinkhorn_task_loss_on_token_sequences() -> None:
     )
     assert info["loss"] == "task" and len(info["loss_history"]) == 3
     P.check_structure(spec, perm)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    heads=st.sampled_from([1, 2, 4]),
+    head_dim=st.integers(2, 4),
+    depth=st.integers(1, 2),
+    norm_first=st.booleans(),
+    batch_first=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_random_torch_vits_keep_their_function_and_give_back_planted_heads(
+    heads, head_dim, depth, norm_first, batch_first, seed
+) -> None:
+    torch.manual_seed(seed)
+    m = TinyViT(
+        dim=heads * head_dim,
+        heads=heads,
+        depth=depth,
+        norm_first=norm_first,
+        batch_first=batch_first,
+    ).eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    spec = da.spec_from_model(m, x)
+    assert [spec.groups[h] for h in spec.ties()] == [heads] * depth
+    assert da.verify(m, spec, x, seed=seed) < 1e-4
+    a = m.state_dict()
+    planted = da.random_permutation(spec, seed=seed)
+    found, _ = align(a, P.apply(spec, planted, a), spec, "wm")
+    want = P.invert(planted)
+    assert all(torch.equal(found[g], want[g]) for g in spec.groups)
