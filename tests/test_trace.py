@@ -295,3 +295,77 @@ def test_an_unflattened_feature_map_keeps_its_channel_group() -> None:
     spec = da.spec_from_model(Unflatten(), x)
     assert spec.axes["fc.weight"] == (AxisPerm("fc.out", 9), None) and spec.groups["fc.out"] == 2
     assert da.verify(Unflatten(), spec, x) < TOL
+
+
+class CatFlatten(nn.Module):
+    """Two conv branches concatenated, flattened into a Linear: blocks of 16 inputs per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(5 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1).flatten(1))
+
+
+class DenseConcat(nn.Module):
+    """DenseNet-style: a layer's input and output concatenated, then normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(11, 3)
+        self.norm = nn.LayerNorm(11)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.c(self.norm(torch.cat([h, torch.relu(self.b(h))], -1)))
+
+
+class GatedMLP(nn.Module):
+    """GLU-style: one Linear chunked into a value half and a gate half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 12), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.up(x).chunk(2, -1)
+        return self.down(a * torch.sigmoid(b))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "key", "want"),
+    [
+        (
+            CatFlatten,
+            (2, 1, 4, 4),
+            "fc.weight",
+            (None, ConcatEntry(((AxisPerm("a.out", 16), 48), (AxisPerm("b.out", 16), 32)))),
+        ),
+        (
+            DenseConcat,
+            (3, 4),
+            "norm.weight",
+            (ConcatEntry(((AxisPerm("a.out"), 6), (AxisPerm("b.out"), 5))),),
+        ),
+        (
+            GatedMLP,
+            (3, 4),
+            "up.bias",
+            (ConcatEntry(((AxisPerm("up.out[0,1]"), 6), (AxisPerm("up.out[0,1]"), 6))),),
+        ),
+    ],
+)
+def test_concatenated_and_chunked_axes_move_part_by_part(model, shape, key, want) -> None:
+    from deepalign.solvers import align
+
+    m, x = model().eval(), torch.randn(*shape)
+    spec = da.spec_from_model(m, x)
+    assert spec.axes[key] == want
+    for seed in range(3):
+        assert da.verify(m, spec, x, seed=seed) < TOL
+    a = m.state_dict()
+    planted = da.random_permutation(spec, seed=4)
+    found, _ = align(a, da.apply(spec, planted, a), spec, "wm")
+    assert all(torch.equal(found[g], da.invert(planted)[g]) for g in spec.groups)
