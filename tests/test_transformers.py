@@ -436,3 +436,23 @@ def test_random_torch_vits_keep_their_function_and_give_back_planted_heads(
     found, _ = align(a, P.apply(spec, planted, a), spec, "wm")
     want = P.invert(planted)
     assert all(torch.equal(found[g], want[g]) for g in spec.groups)
+
+
+def test_activation_matching_reads_a_residual_stream_at_every_layer() -> None:
+    """A group no nonlinearity sees (the residual stream) is observed at every op that computes
+    it (views of the same values skipped), each standardised, so no layer dominates."""
+    from deepalign.core.trace import trace_model
+
+    m, x = _case("gpt-explicit-softmax")
+    traced = trace_model(m, x)
+    res = traced.spec.axes["wpe.weight"][1].group
+    nodes = [n for n, _ in traced.streams[res]]
+    adds = [n for n in nodes if n.startswith("add")]
+    assert len(adds) >= 1 + 2 * 2  # the embeddings' sum and two residual adds per block
+    assert not any(n.startswith(("view", "transpose", "getitem")) for n in nodes)
+    seen = traced.activations(m, m.state_dict(), x)
+    samples = x.numel()  # batch x positions per node (the position embedding alone: positions)
+    assert seen[res].shape[1] == traced.spec.groups[res]
+    assert seen[res].shape[0] >= samples * (len(nodes) - 1)
+    block = seen[res][-samples:]  # the last node's samples: standardised per unit
+    torch.testing.assert_close(block.mean(0), torch.zeros(block.shape[1]), atol=1e-5, rtol=0)

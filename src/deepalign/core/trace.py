@@ -134,6 +134,7 @@ class Traced:
     graph: fx.GraphModule
     probes: dict[str, tuple[str, int]]
     inner: dict[str, tuple[str, str]] = field(default_factory=dict)
+    streams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
     def activations(
         self, model: nn.Module, state: Mapping[str, Tensor], x: Tensor | tuple[Tensor, ...]
@@ -145,16 +146,20 @@ class Traced:
         gm.load_state_dict({k: v for k, v in state.items() if k in used})
         want: dict[str, list[tuple[str, int]]] = {}
         for g, (node, d) in self.probes.items():
-            want.setdefault(node, []).append((g, d))
-        seen: dict[str, Tensor] = {}
+            for n, dim in self.streams.get(g, [(node, d)]):
+                want.setdefault(n, []).append((g, dim))
+        parts: dict[str, list[Tensor]] = {}
 
         class _Grab(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
                 out = super().run_node(n)
                 for g, d in want.get(n.name, ()):
-                    seen[g] = out.detach().movedim(d, -1).reshape(-1, out.shape[d])
+                    parts.setdefault(g, []).append(
+                        out.detach().movedim(d, -1).reshape(-1, out.shape[d])
+                    )
                 return out
 
+        seen: dict[str, Tensor] = {}
         hooks = [_observe(gm, path, kind, g, seen) for g, (path, kind) in self.inner.items()]
         inputs = x if isinstance(x, tuple) else (x,)
         try:
@@ -167,6 +172,9 @@ class Traced:
         finally:
             for h in hooks:
                 h.remove()
+        # a stream: the samples of every activation, each standardised per unit, so that no
+        # layer's scale or offset dominates (their correlations are averaged, in effect)
+        seen.update({g: torch.cat([_standard(t) for t in ts]) for g, ts in parts.items()})
         return seen
 
 
@@ -285,12 +293,13 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
 
     classes.resolve(size)
     spec, members = build_spec(state, classes, size)
-    probes, inner = {}, {}
+    probes, inner, streams = {}, {}, {}
     for group, elems in members.items():
         seen_at = [observers[e] for e in elems if e in observers]
         if seen_at:
             inner[group] = seen_at[0]
     calls = [n.name for n in gm.graph.nodes if n.op.startswith("call")]
+    views = {n.name for n in gm.graph.nodes if _is_view(n)}  # the same values again
     looked = nonlinear + [n for n in calls if n not in set(nonlinear)]  # else any activation
     for group, elems in members.items():
         if group in spec.ties():
@@ -300,12 +309,32 @@ def trace_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
             if dims:
                 probes[group] = (name, dims[0])
                 break
+        if group in probes and probes[group][0] not in nonlinear:
+            # no nonlinearity sees it (a residual stream): every activation that carries it
+            at = {node: d for kind, node, d in elems if kind == "t"}
+            every = [(n, at[n]) for n in calls if n in at and n not in views]
+            if len(every) > 1:
+                streams[group] = every
     for group in list(inner):  # a nonlinearity's output beats a projection inside a leaf
         if group in probes and probes[group][0] in nonlinear:
             del inner[group]
         else:
             probes.pop(group, None)
-    return Traced(spec, gm, probes, inner)
+            streams.pop(group, None)
+    return Traced(spec, gm, probes, inner, streams)
+
+
+def _standard(t: Tensor) -> Tensor:
+    return (t - t.mean(0)) / (t.std(0) + 1e-6) if t.shape[0] > 1 else t
+
+
+_VIEWS = ("flatten", "view", "reshape", "transpose", "permute", "contiguous", "expand", "squeeze")
+
+
+def _is_view(n: fx.Node) -> bool:
+    """A node whose output holds its input's values again (a reshape, an index, a copy)."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return n.op in ("call_method", "call_function") and (name in _VIEWS or name == "getitem")
 
 
 def _item_axes(n: Any) -> list[Elem]:
