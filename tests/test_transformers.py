@@ -439,8 +439,8 @@ def test_random_torch_vits_keep_their_function_and_give_back_planted_heads(
 
 
 def test_activation_matching_reads_a_residual_stream_at_every_layer() -> None:
-    """A group no nonlinearity sees (the residual stream) is observed at every op that computes
-    it (views of the same values skipped), each standardised, so no layer dominates."""
+    """With ``streams``, a group no nonlinearity sees (the residual stream) is observed at every op
+    that computes it (views of the same values skipped), each standardised."""
     from deepalign.core.trace import trace_model
 
     m, x = _case("gpt-explicit-softmax")
@@ -450,9 +450,24 @@ def test_activation_matching_reads_a_residual_stream_at_every_layer() -> None:
     adds = [n for n in nodes if n.startswith("add")]
     assert len(adds) >= 1 + 2 * 2  # the embeddings' sum and two residual adds per block
     assert not any(n.startswith(("view", "transpose", "getitem")) for n in nodes)
-    seen = traced.activations(m, m.state_dict(), x)
+    one = traced.activations(m, m.state_dict(), x)  # the default: the first op only
+    assert one[res].shape == (x.numel(), traced.spec.groups[res])
+    seen = traced.activations(m, m.state_dict(), x, streams=True)
     samples = x.numel()  # batch x positions per node (the position embedding alone: positions)
     assert seen[res].shape[1] == traced.spec.groups[res]
     assert seen[res].shape[0] >= samples * (len(nodes) - 1)
     block = seen[res][-samples:]  # the last node's samples: standardised per unit
     torch.testing.assert_close(block.mean(0), torch.zeros(block.shape[1]), atol=1e-5, rtol=0)
+    a = m.state_dict()
+    planted = da.random_permutation(traced.spec, seed=2)
+    data = torch.randint(0, 20, (64, 8), generator=torch.Generator().manual_seed(0))
+    found, _ = align(
+        a,
+        P.apply(traced.spec, planted, a),
+        traced.spec,
+        "am",
+        module=m,
+        data=(data, None),
+        streams=True,
+    )
+    assert all(torch.equal(found[g], P.invert(planted)[g]) for g in traced.spec.groups)

@@ -137,7 +137,11 @@ class Traced:
     streams: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
     def activations(
-        self, model: nn.Module, state: Mapping[str, Tensor], x: Tensor | tuple[Tensor, ...]
+        self,
+        model: nn.Module,
+        state: Mapping[str, Tensor],
+        x: Tensor | tuple[Tensor, ...],
+        streams: bool = False,
     ) -> dict[str, Tensor]:
         """Per probed group, ``(samples, n)`` activations of ``model`` with weights ``state`` on
         ``x``: the group's axis last, every other axis (batch, positions) a sample."""
@@ -146,7 +150,7 @@ class Traced:
         gm.load_state_dict({k: v for k, v in state.items() if k in used})
         want: dict[str, list[tuple[str, int]]] = {}
         for g, (node, d) in self.probes.items():
-            for n, dim in self.streams.get(g, [(node, d)]):
+            for n, dim in self.streams.get(g, [(node, d)]) if streams else [(node, d)]:
                 want.setdefault(n, []).append((g, dim))
         parts: dict[str, list[Tensor]] = {}
 

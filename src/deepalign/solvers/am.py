@@ -124,17 +124,25 @@ class _Hooks(_Observer):
 class _Traced(_Observer):
     """Any traceable module: the traced graph's first nonlinearity after each group."""
 
-    def __init__(self, module: nn.Module, traced: Traced, groups: list[str], a, b, device) -> None:
-        self.groups, self.traced = groups, traced
+    def __init__(
+        self, module: nn.Module, traced: Traced, groups: list[str], a, b, device, streams: bool
+    ) -> None:
+        self.groups, self.traced, self.streams = groups, traced, streams
         self.nets = [(_copy_with(module, s, device), s) for s in (a, b)]
 
     def __call__(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        a, b = (self.traced.activations(net, s, x) for net, s in self.nets)
+        a, b = (self.traced.activations(net, s, x, self.streams) for net, s in self.nets)
         return a, b
 
 
 def _observer(
-    module: nn.Module, spec: PermutationSpec, a: StateDict, b: StateDict, device, x: Tensor
+    module: nn.Module,
+    spec: PermutationSpec,
+    a: StateDict,
+    b: StateDict,
+    device,
+    x: Tensor,
+    streams: bool = False,
 ) -> _Observer:
     """Hooks where the hand rules know the layers (our builders), else the tracer's probes."""
     try:
@@ -153,16 +161,20 @@ def _observer(
     groups = [
         g for g in groups if g not in spec.heads or all(m in groups for m in ties[spec.heads[g]])
     ]
-    return _Traced(module, traced, groups, a, b, device)
+    return _Traced(module, traced, groups, a, b, device, streams)
 
 
 @dataclass(frozen=True)
 class AMOptions(Options):
-    """Activation matching's options: examples per forward pass, and an optional cap on passes."""
+    """Activation matching's options: examples per forward pass, an optional cap on passes, and
+    ``streams``: observe a group that no nonlinearity sees (a transformer's residual stream) at
+    every op that computes it, each standardised, instead of at the first (traced models only;
+    ``docs/results.md`` says when it helped)."""
 
     solver: ClassVar[str] = "am"
     batch_size: int = 256
     max_batches: int | None = None
+    streams: bool = False
 
 
 def activation_matching(
@@ -195,7 +207,7 @@ def activation_matching(
         first = next(iter(batches))
     except StopIteration:
         raise DeepAlignError("am: the data set is empty") from None
-    observe = _observer(module, spec, a, b, device, first[0])
+    observe = _observer(module, spec, a, b, device, first[0], o.streams)
     total = -(-n_examples(data) // batch_size)
     if max_batches is not None:
         total = min(total, max_batches)
