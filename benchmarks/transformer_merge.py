@@ -12,7 +12,8 @@ Pairs of user-style transformers (the test suite's ``tests/transformer_models.py
 
 For each pair: the loss along ``(1 - lam) A + lam P(B)`` on held-out data at 11 values of lam,
 barrier = max over lam of the loss above the chord. Methods: ``identity`` (plain averaging),
-``wm``, ``am`` (training data), ``sinkhorn`` (task loss, 200 steps), ``wm+sinkhorn``.
+``wm``, ``am`` (training data), ``am-streams`` (``am`` with ``streams=True``: the residual stream
+read at every op), ``sinkhorn`` (task loss, 200 steps), ``wm+sinkhorn``.
 
     .venv/bin/python benchmarks/transformer_merge.py --json bench-out/transformer_merge.json
 """
@@ -38,7 +39,7 @@ from deepalign.lmc.curves import lmc_curve  # noqa: E402
 from deepalign.solvers import align  # noqa: E402
 from transformer_models import TinyGPT, TinyViT  # noqa: E402
 
-METHODS = ("identity", "wm", "am", "sinkhorn", "wm+sinkhorn")
+METHODS = ("identity", "wm", "am", "am-streams", "sinkhorn", "wm+sinkhorn")
 CONTEXT = 32
 
 
@@ -120,8 +121,11 @@ def main() -> int:
             row = {}
             for method in METHODS:
                 opts = {"steps": 200} if "sinkhorn" in method else {}
+                if method == "am-streams":
+                    opts = {"streams": True}
+                name = method.removesuffix("-streams")
                 t0 = time.perf_counter()
-                perm, _ = align(sa, sb, spec, method, module=a, data=train, seed=pair, **opts)
+                perm, _ = align(sa, sb, spec, name, module=a, data=train, seed=pair, **opts)
                 seconds = time.perf_counter() - t0
                 curve = lmc_curve(a, sa, da.apply(spec, perm, sb), test, points=11)
                 row[method] = {
