@@ -179,7 +179,11 @@ class Branchy(nn.Module):
     [
         (Cumsum, (2, 3), r"function torch\.cumsum \(fx node 'cumsum'\)"),
         (Rotate, (2, 3), r"function torch\.roll \(fx node 'roll'\)"),
-        (lambda: nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4)), (2, 3), "module GroupNorm"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.LocalResponseNorm(2)),
+            (2, 3, 4, 4),
+            "module LocalResponseNorm",
+        ),
         (
             lambda: nn.Sequential(nn.Conv2d(2, 4, 1, groups=2), nn.Flatten()),
             (1, 2, 2, 2),
@@ -369,3 +373,63 @@ def test_concatenated_and_chunked_axes_move_part_by_part(model, shape, key, want
     planted = da.random_permutation(spec, seed=4)
     found, _ = align(a, da.apply(spec, planted, a), spec, "wm")
     assert all(torch.equal(found[g], da.invert(planted)[g]) for g in spec.groups)
+
+
+class GroupNormNet(nn.Module):
+    """Convs with GroupNorm: channels move inside their group, whole groups move together."""
+
+    def __init__(self, mixed: bool = False) -> None:
+        super().__init__()
+        self.mixed = mixed
+        self.c1, self.g1 = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.c2 = nn.Conv2d(8, 8 if mixed else 6, 3, padding=1)
+        self.g2 = nn.GroupNorm(2, 8 if mixed else 6)
+        self.fc = nn.Linear(8 if mixed else 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.g1(self.c1(x)))
+        out = self.g2(self.c2(h))
+        out = F.relu(out + h) if self.mixed else F.relu(out)  # mixed: 4 and 2 groups on one axis
+        return self.fc(out.mean((2, 3)))
+
+
+def test_group_norm_groups_are_heads_and_conflicting_groupings_stay_fixed() -> None:
+    from deepalign.solvers import align
+
+    x = torch.randn(2, 1, 5, 5)
+    m = GroupNormNet().eval()
+    spec = da.spec_from_model(m, x)
+    assert spec.heads == {"c1.out": "g1.groups", "c2.out": "g2.groups"}
+    assert (spec.groups["g1.groups"], spec.head_size("c1.out")) == (4, 2)
+    for seed in range(3):
+        assert da.verify(m, spec, x, seed=seed) < TOL
+    a = m.state_dict()
+    planted = da.random_permutation(spec, seed=5)
+    found, _ = align(a, da.apply(spec, planted, a), spec, "wm")
+    assert all(torch.equal(found[g], da.invert(planted)[g]) for g in spec.groups)
+    mixed = GroupNormNet(mixed=True).eval()
+    assert da.spec_from_model(mixed, x).groups == {}  # never guessed
+
+
+class EinsumMLP(nn.Module):
+    """Linear layers written as einsums of raw parameters (one with an implicit output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
+        self.w2 = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.einsum("bi,oi->bo", x, self.w1) + self.b1)
+        return torch.einsum("bh,oh", h, self.w2)  # implicit: "bo", h summed
+
+
+def test_einsum_links_letters_and_contracts_summed_ones() -> None:
+    x = torch.randn(5, 4)
+    m = EinsumMLP()
+    spec = da.spec_from_model(m, x)
+    g = spec.axes["w1"][0].group
+    assert spec.axes["b1"] == (AxisPerm(g),) and spec.axes["w2"] == (None, AxisPerm(g))
+    assert spec.axes["w1"][1] is None
+    for seed in range(3):
+        assert da.verify(m, spec, x, seed=seed) < TOL

@@ -22,6 +22,7 @@ from deepalign.solvers.sinkhorn import head_matrices, sinkhorn_matrices
 from transformer_models import (
     CausalSelfAttention,
     CrossDims,
+    EinsumAttention,
     RawPatches,
     Seq2Seq,
     TimmStyleViT,
@@ -55,6 +56,7 @@ CASES = {
     "mha-kdim-vdim": (lambda: CrossDims(), lambda g: torch.randn(3, 5, 4, generator=g)),
     "raw-patches-unfold": (lambda: RawPatches(), lambda g: torch.randn(3, 1, 8, 8, generator=g)),
     "vit-timm-qkv-reshape": (lambda: TimmStyleViT(), lambda g: torch.rand(3, 1, 8, 8, generator=g)),
+    "einsum-attention": (lambda: EinsumAttention(), lambda g: torch.randn(2, 6, 5, generator=g)),
     "torch-transformer": (
         lambda: Translator(),
         lambda g: (torch.randn(2, 5, 3, generator=g), torch.randn(2, 4, 2, generator=g)),
@@ -72,6 +74,7 @@ HEADS = {
     "raw-patches-unfold": [2],
     "vit-timm-qkv-reshape": [4],
     "torch-transformer": [2, 2, 2],
+    "einsum-attention": [4],
 }
 
 

@@ -240,3 +240,22 @@ class Translator(nn.Module):
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         return self.head(self.transformer(self.src(src), self.tgt(tgt)))
+
+
+class EinsumAttention(nn.Module):
+    """Separate q/k/v Linears, heads by view, scores and mixing by einsum."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(5, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, c // self.heads) for f in (self.q, self.k, self.v))
+        att = torch.einsum("bihd,bjhd->bhij", q, k).softmax(-1)
+        y = torch.einsum("bhij,bjhd->bihd", att, v).reshape(b, n, c)
+        return self.head(x + self.o(y))

@@ -169,6 +169,10 @@ class AxisClasses:
                     self.fixed.update(p for p in j.parts if self.root(p) in wholes)
             heads = {self.root(s.head) for s in self.splits}
             whole = {self.root(s.whole) for s in self.splits}
+            shapes: dict[Elem, set[tuple[int, int]]] = {}  # one (H, d) per structured class
+            for s in self.splits:
+                shapes.setdefault(self.root(s.whole), set()).add((size(s.head), size(s.within)))
+            odd = {r for r, hd in shapes.items() if len(hd) > 1}  # e.g. 4 and 2 groups at once
             for s in self.splits:
                 roots = {self.root(s.whole), self.root(s.head), self.root(s.within)}
                 if (
@@ -177,6 +181,7 @@ class AxisClasses:
                     or size(s.whole) != size(s.head) * size(s.within)
                     or self.root(s.within) in heads | whole  # e.g. (H, d) read back as (d, H)
                     or self.root(s.head) in whole
+                    or self.root(s.whole) in odd
                 ):
                     self.fixed.update((s.whole, s.head, s.within))
             if len(self._fixed_roots()) == before:
@@ -224,6 +229,11 @@ def build_spec(
         params.sort(key=lambda m: (order[m[0][1]], m[0][2]))
         whole = [e for e, w in ms if w == base]
         found[root] = (int(n), base, [(k, d, int(w / base)) for (_, k, d), w in params], whole)
+
+    for whole, head in head_of.items():  # a head order that is no group pins its groups
+        if whole in found and head not in found:
+            del found[whole]
+            classes.fixed.add(whole)
 
     # the axes of every composite class: a Concat of its parts' groups
     cat_entries: dict[tuple[str, int], list[tuple[Elem | None, Fraction, int]]] = {}

@@ -321,6 +321,58 @@ def _batchnorm(op: Op) -> None:
         op.link(op.y(1), op.param(name, 0))
 
 
+@handles(nn.GroupNorm, F.group_norm)
+def _groupnorm(op: Op) -> None:
+    """Statistics per group of consecutive channels: channels move within their group, and whole
+    groups move together (the structure of attention heads: ``groups x channels per group``)."""
+    op.pointwise()
+    if op.module is not None:
+        groups = op.module.num_groups
+        op.link(op.y(1), op.param("weight", 0))
+        op.link(op.y(1), op.param("bias", 0))
+    else:  # F.group_norm(x, num_groups, weight, bias)
+        groups = op.arg(1, "num_groups")
+        for i in range(1, len(op.ins)):
+            op.link(op.y(1), op.x(i, 0))
+    channels = op.out_shape[1]
+    if 1 < groups < channels:  # one group, or one channel per group: any permutation
+        name = f"{op.node.name}.groups"
+        op.split_heads(
+            op.y(1), op.virtual(name, groups), op.virtual(f"{name}.within", channels // groups)
+        )
+
+
+@handles(torch.einsum)
+def _einsum(op: Op) -> None:
+    """``einsum("bhid,bhjd->bhij", q, k)``: one letter is one axis on every operand and the output;
+    a summed letter is contracted (its operands' axes move together)."""
+    equation, *operands = op.node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    equation = equation.replace(" ", "")
+    if "..." in equation:
+        raise _unknown(op.node, "torch.einsum with '...'")
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        out = "".join(sorted(c for c in set(lhs) - {","} if lhs.count(c) == 1))
+    where: dict[str, list] = {}
+    for term, node in zip(terms, operands, strict=True):
+        if len(set(term)) != len(term):
+            continue  # a diagonal: its axes stay fixed
+        for pos, letter in enumerate(term):
+            where.setdefault(letter, []).append(op.inp(node, pos))
+    for letter, axes in where.items():
+        if letter in out:
+            for a in axes:
+                op.link(a, op.y(out.index(letter)))
+        elif len(axes) == 1:
+            op.free.add(axes[0])  # summed over one operand alone: invariant
+        else:
+            for a in axes[1:]:
+                op.link(axes[0], a)
+
+
 @handles(nn.LayerNorm, nn.RMSNorm)
 def _layernorm(op: Op) -> None:
     op.pointwise()  # normalising over axes is invariant to permuting them
