@@ -474,3 +474,30 @@ def test_activation_matching_reads_a_residual_stream_at_every_layer() -> None:
         streams=True,
     )
     assert all(torch.equal(found[g], P.invert(planted)[g]) for g in traced.spec.groups)
+
+
+def test_cli_lmc_and_merge_on_next_token_data(cli, tmp_path) -> None:
+    """--data FILE.pt with token inputs (integers, kept so) and one label per position."""
+    shutil.copy(HERE / "transformer_models.py", tmp_path / "transformer_models.py")
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        torch.save(TinyGPT().state_dict(), tmp_path / f"{name}.pt")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (48, 8), generator=g)
+    torch.save({"x": x, "y": x.roll(-1, dims=1)}, tmp_path / "text.pt")
+    torch.save({"x": x, "y": x[:, :3]}, tmp_path / "bad.pt")
+    common = ["--model", f"{tmp_path / 'transformer_models.py'}:TinyGPT", "--input-shape", "8"]
+    res = cli(
+        "lmc", tmp_path / "a.pt", tmp_path / "b.pt", *common,
+        "--data", tmp_path / "text.pt", "--method", "wm", "--json", tmp_path / "lmc.json",
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    import json
+
+    curve = json.loads((tmp_path / "lmc.json").read_text())
+    assert len(curve["lambdas"]) == 25 and curve["method"] == "wm"
+    res = cli(
+        "merge", tmp_path / "a.pt", tmp_path / "b.pt", *common,
+        "--data", tmp_path / "bad.pt", "--method", "am", "--out", tmp_path / "m.pt",
+    )  # fmt: skip
+    assert res.code == 2 and "one per position" in res.err and not (tmp_path / "m.pt").exists()

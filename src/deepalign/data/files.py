@@ -1,5 +1,6 @@
 """The user's own data: a labelled set in an ``.npz`` (arrays ``x``, ``y``) or a ``.pt`` file (a
-dict of tensors ``x``, ``y``, read with ``torch.load(weights_only=True)``), used exactly as given."""
+dict of tensors ``x``, ``y``, read with ``torch.load(weights_only=True)``), used exactly as given.
+Integer inputs are token indices; labels are one per example, or one per position (next tokens)."""
 
 from __future__ import annotations
 
@@ -52,16 +53,22 @@ def load_file(path: str | os.PathLike) -> Dataset:
     x, y = found["x"], found["y"]
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise DeepAlignError(f"{path}: x and y must be tensors or arrays")
-    if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+    per_position = y.dim() >= 2 and tuple(y.shape) == tuple(x.shape[: y.dim()])
+    if x.dim() < 2 or not (y.dim() == 1 or per_position) or x.shape[0] != y.shape[0]:
         raise DeepAlignError(
-            f"{path}: x must hold one example per row and y one label per example "
-            f"(got x {tuple(x.shape)}, y {tuple(y.shape)})"
+            f"{path}: x must hold one example per row and y one label per example, or one per "
+            f"position (next tokens) (got x {tuple(x.shape)}, y {tuple(y.shape)})"
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise DeepAlignError(f"{path}: y must hold integer class labels (got {y.dtype})")
-    x = x.float()
-    if not bool(torch.isfinite(x).all()):
-        raise DeepAlignError(f"{path}: x holds NaN or inf values")
+    if x.is_floating_point():
+        x = x.float()
+        if not bool(torch.isfinite(x).all()):
+            raise DeepAlignError(f"{path}: x holds NaN or inf values")
+    elif x.dtype != torch.bool and not x.is_complex():
+        x = x.long()  # token indices (a language model's input) stay integers
+    else:
+        raise DeepAlignError(f"{path}: x must hold numbers or token indices (got {x.dtype})")
     y = y.long()
     if len(y) == 0 or int(y.min()) < 0:
         raise DeepAlignError(f"{path}: y must hold class labels 0, 1, ... (and not be empty)")
