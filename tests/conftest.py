@@ -73,3 +73,18 @@ def _threads():
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def recovers_planted(
+    spec, state, method: str = "wm", seed: int = 0, **options
+) -> tuple[bool, dict]:
+    """Plant a seeded permutation in ``state`` and align it back with ``method``: whether exactly
+    its inverse came back (heads checked to move as blocks), and the solver's info."""
+    from deepalign.core import permutation as P
+    from deepalign.solvers import align
+
+    planted = P.random_permutation(spec, seed=seed)
+    found, info = align(state, P.apply(spec, planted, state), spec, method, **options)
+    P.check_structure(spec, found)
+    want = P.invert(planted)
+    return all(torch.equal(found[g], want[g]) for g in spec.groups), info

@@ -11,6 +11,7 @@ from torch import nn
 
 import deepalign as da
 from arch_strategies import BUILDERS, Case
+from conftest import recovers_planted
 from deepalign.core.spec import AxisPerm, PermutationSpec
 from deepalign.core.spec import Concat as ConcatEntry
 from deepalign.errors import DeepAlignError
@@ -362,17 +363,12 @@ class GatedMLP(nn.Module):
     ],
 )
 def test_concatenated_and_chunked_axes_move_part_by_part(model, shape, key, want) -> None:
-    from deepalign.solvers import align
-
     m, x = model().eval(), torch.randn(*shape)
     spec = da.spec_from_model(m, x)
     assert spec.axes[key] == want
     for seed in range(3):
         assert da.verify(m, spec, x, seed=seed) < TOL
-    a = m.state_dict()
-    planted = da.random_permutation(spec, seed=4)
-    found, _ = align(a, da.apply(spec, planted, a), spec, "wm")
-    assert all(torch.equal(found[g], da.invert(planted)[g]) for g in spec.groups)
+    assert recovers_planted(spec, m.state_dict(), "wm", seed=4)[0]
 
 
 class GroupNormNet(nn.Module):
@@ -394,8 +390,6 @@ class GroupNormNet(nn.Module):
 
 
 def test_group_norm_groups_are_heads_and_conflicting_groupings_stay_fixed() -> None:
-    from deepalign.solvers import align
-
     x = torch.randn(2, 1, 5, 5)
     m = GroupNormNet().eval()
     spec = da.spec_from_model(m, x)
@@ -403,10 +397,7 @@ def test_group_norm_groups_are_heads_and_conflicting_groupings_stay_fixed() -> N
     assert (spec.groups["g1.groups"], spec.head_size("c1.out")) == (4, 2)
     for seed in range(3):
         assert da.verify(m, spec, x, seed=seed) < TOL
-    a = m.state_dict()
-    planted = da.random_permutation(spec, seed=5)
-    found, _ = align(a, da.apply(spec, planted, a), spec, "wm")
-    assert all(torch.equal(found[g], da.invert(planted)[g]) for g in spec.groups)
+    assert recovers_planted(spec, m.state_dict(), "wm", seed=5)[0]
     mixed = GroupNormNet(mixed=True).eval()
     assert da.spec_from_model(mixed, x).groups == {}  # never guessed
 

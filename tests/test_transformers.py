@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepalign as da
+from conftest import recovers_planted
 from deepalign.core import permutation as P
 from deepalign.core.spec import AxisPerm, Concat, PermutationSpec
 from deepalign.errors import DeepAlignError
@@ -163,13 +164,9 @@ def test_structure_is_checked() -> None:
 def test_weight_matching_recovers_planted_heads_exactly(name: str) -> None:
     m, x = _case(name, seed=1)
     spec = da.spec_from_model(m, x)
-    a = m.state_dict()
     planted = da.random_permutation(spec, seed=7)
     assert any(not torch.equal(planted[h], torch.arange(spec.groups[h])) for h in spec.ties())
-    found, _ = align(a, P.apply(spec, planted, a), spec, "wm")
-    P.check_structure(spec, found)
-    want = P.invert(planted)
-    assert all(torch.equal(found[g], want[g]) for g in spec.groups)
+    assert recovers_planted(spec, m.state_dict(), "wm", seed=7)[0]
 
 
 @pytest.mark.parametrize("name", ["gpt-sdpa-untied", "vit-prenorm"])
@@ -177,21 +174,15 @@ def test_activation_matching_and_sinkhorn_recover_planted_heads(name: str) -> No
     m, x = _case(name, seed=2)
     spec = da.spec_from_model(m, x)
     a = m.state_dict()
-    planted = da.random_permutation(spec, seed=3)
-    b = P.apply(spec, planted, a)
     g = torch.Generator().manual_seed(0)
-    data = CASES[name][1](g)
     data = torch.cat([CASES[name][1](g) for _ in range(16)])
-    found, info = align(a, b, spec, "am", module=m, data=(data, None))
-    want = P.invert(planted)
-    assert all(torch.equal(found[k], want[k]) for k in spec.groups)
+    ok, info = recovers_planted(spec, a, "am", seed=3, module=m, data=(data, None))
+    assert ok
     # every group is seen by activations: hand-written ops through the graph, torch's own
     # attention and transformer layers through their query/value projections and MLP units
     assert info.get("wm_groups", []) == []
     assert set(info["mean_correlation"]) == set(spec.groups) - set(spec.ties())
-    found, _ = align(a, b, spec, "sinkhorn", loss="l2", steps=150)
-    P.check_structure(spec, found)
-    assert all(torch.equal(found[k], want[k]) for k in spec.groups)
+    assert recovers_planted(spec, a, "sinkhorn", seed=3, loss="l2", steps=150)[0]
 
 
 def test_block_assignment_is_the_best_structured_permutation() -> None:
@@ -434,11 +425,7 @@ def test_random_torch_vits_keep_their_function_and_give_back_planted_heads(
     spec = da.spec_from_model(m, x)
     assert [spec.groups[h] for h in spec.ties()] == [heads] * depth
     assert da.verify(m, spec, x, seed=seed) < 1e-4
-    a = m.state_dict()
-    planted = da.random_permutation(spec, seed=seed)
-    found, _ = align(a, P.apply(spec, planted, a), spec, "wm")
-    want = P.invert(planted)
-    assert all(torch.equal(found[g], want[g]) for g in spec.groups)
+    assert recovers_planted(spec, m.state_dict(), "wm", seed=seed)[0]
 
 
 def test_activation_matching_reads_a_residual_stream_at_every_layer() -> None:
@@ -461,19 +448,9 @@ def test_activation_matching_reads_a_residual_stream_at_every_layer() -> None:
     assert seen[res].shape[0] >= samples * (len(nodes) - 1)
     block = seen[res][-samples:]  # the last node's samples: standardised per unit
     torch.testing.assert_close(block.mean(0), torch.zeros(block.shape[1]), atol=1e-5, rtol=0)
-    a = m.state_dict()
-    planted = da.random_permutation(traced.spec, seed=2)
     data = torch.randint(0, 20, (64, 8), generator=torch.Generator().manual_seed(0))
-    found, _ = align(
-        a,
-        P.apply(traced.spec, planted, a),
-        traced.spec,
-        "am",
-        module=m,
-        data=(data, None),
-        streams=True,
-    )
-    assert all(torch.equal(found[g], P.invert(planted)[g]) for g in traced.spec.groups)
+    options = {"module": m, "data": (data, None), "streams": True}
+    assert recovers_planted(traced.spec, m.state_dict(), "am", seed=2, **options)[0]
 
 
 def test_cli_lmc_and_merge_on_next_token_data(cli, tmp_path) -> None:
