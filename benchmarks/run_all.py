@@ -35,6 +35,7 @@ def main() -> int:
         ("deepalign_speed", quick + (["--quick"] if args.quick else [])),
         ("zoo_speed", quick + ["--skip-fashion"]),
         ("transformer_merge", ["--quick"] if args.quick else []),
+        ("transformer_scale", quick),
     ]
     if args.zoo:
         jobs.append(

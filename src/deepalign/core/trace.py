@@ -166,16 +166,19 @@ class Traced:
         seen: dict[str, Tensor] = {}
         hooks = [_observe(gm, path, kind, g, seen) for g, (path, kind) in self.inner.items()]
         inputs = x if isinstance(x, tuple) else (x,)
+        flags = [(p, p.requires_grad) for p in gm.parameters()]
         try:
             # with gradients on, torch's transformer layers take their plain path (the fused
             # inference kernels skip the submodule calls the hooks observe)
             with torch.enable_grad():
-                for p in gm.parameters():
+                for p, _ in flags:
                     p.requires_grad_(True)
                 _Grab(gm.eval()).run(*inputs)
         finally:
             for h in hooks:
                 h.remove()
+            for p, flag in flags:  # the caller's modules are shared with the graph
+                p.requires_grad_(flag)
         # a stream: the samples of every activation, each standardised per unit, so that no
         # layer's scale or offset dominates (their correlations are averaged, in effect)
         seen.update({g: torch.cat([_standard(t) for t in ts]) for g, ts in parts.items()})
