@@ -13,7 +13,7 @@ from deepalign.nn.model import DeepAlign, DeepAlignConfig
 from deepalign.nn.sizes import MODEL_SIZES
 from deepalign.nn.weight_space import WeightSpaceLayout
 from deepalign.training.distributed import setup, teardown
-from deepalign.training.loop import TrainConfig, train_epoch
+from deepalign.training.loop import TrainConfig, TrainGroup, train_epoch
 from deepalign.training.pairs import pair_task
 from deepalign.zoo.loader import Zoo
 
@@ -25,9 +25,8 @@ def main(zoo_path: str, out: str) -> None:
     zoo = Zoo(zoo_path)
     cfg = TrainConfig(epochs=1, batch=8, steps_per_epoch=1)
     torch.manual_seed(0)
-    model = DeepAlign(
-        WeightSpaceLayout.from_config(zoo.config), DeepAlignConfig(**MODEL_SIZES["tiny"])
-    )
+    layout = WeightSpaceLayout.from_config(zoo.config)
+    model = DeepAlign(layout, DeepAlignConfig(**MODEL_SIZES["tiny"]))
     task = pair_task(zoo, "train", cfg.data_batch)
     net = torch.nn.parallel.DistributedDataParallel(model) if ranks.active else model
 
@@ -42,9 +41,8 @@ def main(zoo_path: str, out: str) -> None:
                 torch.save({n: p.grad.clone() for n, p in model.named_parameters()}, out)
 
     states = zoo.load(task.indices)
-    train_epoch(
-        model, Capture(), zoo.spec, zoo.module(), states, task, cfg, 0, device, ranks=ranks, net=net
-    )
+    group = TrainGroup(layout, zoo.module(), states, task)
+    train_epoch(model, Capture(), [group], cfg, 0, device, ranks=ranks, net=net)
     teardown(ranks)
 
 

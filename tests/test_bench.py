@@ -289,7 +289,7 @@ def test_bench_cli_prints_the_table_and_reports_a_broken_option(cli, zoo, aligne
 def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, aligner, tmp_path, case):
     other = tmp_path / "other-aligner"
     if case == "other-arch":
-        _untrained_aligner(arch.describe(arch.mlp([64, 9, 7, 10], flatten_input=True)), other)
+        _untrained_aligner(arch.describe(arch.mlp([64, 9, 7, 5, 10], flatten_input=True)), other)
     args = {
         "missing-zoo": ["--zoo", tmp_path / "nope", "--aligner", aligner],
         "other-arch": ["--zoo", zoo, "--aligner", other],
@@ -307,7 +307,7 @@ def test_bench_cli_bad_inputs_exit_2_with_one_line_and_no_output(cli, zoo, align
     assert len(lines) == 1 and lines[0].startswith("error: "), res.err
     expect = {
         "missing-zoo": "not a zoo folder",
-        "other-arch": "widths",
+        "other-arch": "depth: 4 layers vs 3",
         "unknown-method": "magic",
         "no-aligner": "--aligner",
         "bad-opt": "METHOD:KEY=VALUE",

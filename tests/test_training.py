@@ -169,15 +169,19 @@ def test_cli_train_and_align_with_the_aligner(zoo, tmp_path, cli):
     assert (tmp_path / "c.safetensors").is_file()
     res = cli("inspect", out)
     assert res.code == 0 and "aligner" in res.out
-    # An aligner for another architecture is refused, naming both.
-    other = tmp_path / "other.safetensors"
+    # Other hidden widths: the aligner runs on them (its parameters do not depend on widths).
     import deepalign as da
 
-    da.save_model(da.mlp([64, 9, 9, 10], flatten_input=True), other)
+    layers = [m for m in z.module().modules() if isinstance(m, torch.nn.Linear)]
+    dims = [layers[0].in_features, *(m.out_features for m in layers)]
+    narrow = dims[:1] + [9] * (len(dims) - 2) + dims[-1:]
+    other = tmp_path / "other.safetensors"
+    da.save_model(da.mlp(narrow, flatten_input=True), other)
+    da.save_model(da.mlp(narrow, flatten_input=True), tmp_path / "other2.safetensors")
     res = cli(
         "align",
-        a_path,
         other,
+        tmp_path / "other2.safetensors",
         "--method",
         "deepalign",
         "--aligner",
@@ -185,19 +189,24 @@ def test_cli_train_and_align_with_the_aligner(zoo, tmp_path, cli):
         "--out",
         tmp_path / "d.safetensors",
     )
-    assert res.code == 2 and not (tmp_path / "d.safetensors").exists()
+    assert res.code == 0, res.err
+    assert (tmp_path / "d.safetensors").is_file()
+    # Another depth is refused, saying what differs (not the widths).
+    deeper = tmp_path / "deeper.safetensors"
+    da.save_model(da.mlp([dims[0], 9, 9, 9, 9, dims[-1]], flatten_input=True), deeper)
     res = cli(
         "align",
-        other,
-        other,
+        deeper,
+        deeper,
         "--method",
         "deepalign",
         "--aligner",
         out,
         "--out",
-        tmp_path / "d.safetensors",
+        tmp_path / "e.safetensors",
     )
-    assert res.code == 2 and "aligner" in res.err and not (tmp_path / "d.safetensors").exists()
+    assert res.code == 2 and "depth" in res.err and "width" not in res.err
+    assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_inr_zoo_trains_on_two_views_of_one_target(tmp_path):

@@ -12,6 +12,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "zoo_from_checkpoints": "deepalign.zoo.from_checkpoints",
+    "Zoo": "deepalign.zoo.loader",
+    "train_aligner": "deepalign.training.trainer",
+    "TrainConfig": "deepalign.training.loop",
+    "DeepAlignConfig": "deepalign.nn.model",
+    "DeepAlign": "deepalign.nn.model",
     "AxisPerm": "deepalign.core.spec",
     "DeepAlignError": "deepalign.errors",
     "Network": "deepalign.core.checkpoint",
@@ -45,6 +51,12 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "zoo_from_checkpoints",
+    "Zoo",
+    "train_aligner",
+    "TrainConfig",
+    "DeepAlignConfig",
+    "DeepAlign",
     "AxisPerm",
     "DeepAlignError",
     "Network",
@@ -117,3 +129,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from deepalign.core.user_model import spec_of
     from deepalign.core.verify import permuted_module, verify
     from deepalign.errors import DeepAlignError
+    from deepalign.nn.model import DeepAlign, DeepAlignConfig
+    from deepalign.training.loop import TrainConfig
+    from deepalign.training.trainer import train_aligner
+    from deepalign.zoo.from_checkpoints import zoo_from_checkpoints
+    from deepalign.zoo.loader import Zoo

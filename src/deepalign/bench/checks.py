@@ -79,7 +79,7 @@ def load_aligner(aligner: Any, zoo: Zoo, device: torch.device) -> DeepAlign:
         raise DeepAlignError(
             f"aligner: expected a folder or a DeepAlign model, got {type(aligner)}"
         )
-    check_aligner(model, zoo.spec, where, zoo.config)
+    check_aligner(model, zoo.spec, where, zoo.config, module=zoo.module())
     return model
 
 

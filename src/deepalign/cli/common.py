@@ -324,5 +324,12 @@ def load_aligner(chain: Any, aligner: Path | None, nets: Checkpoints) -> Any:
 
     assert aligner is not None
     model = DeepAlign.from_pretrained(aligner, nets.device)
-    check_aligner(model, nets.spec, str(aligner), nets.first.arch)
+    check_aligner(
+        model,
+        nets.spec,
+        str(aligner),
+        nets.first.arch,
+        state=nets.first.state,
+        module=nets.first.module,
+    )
     return model

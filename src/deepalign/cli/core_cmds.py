@@ -65,10 +65,17 @@ def _guess_image_size(module: Any, channels: int) -> int:
 
 def inspect_dir(path: Path, as_json: bool) -> None:
     """`inspect` on a folder: a zoo or an aligner, described by the module that owns it."""
+    from deepalign.zoo.zoo_set import is_set, member_folders
+
     if (path / "manifest.json").is_file():
         from deepalign.cli.zoo_cmds import describe_zoo
 
         describe_zoo(path, as_json)
+    elif is_set(path):
+        from deepalign.cli.zoo_cmds import describe_zoo
+
+        for member in member_folders(path):
+            describe_zoo(member, as_json)
     elif (path / "config.json").is_file():
         from deepalign.cli.train_cmds import describe_aligner
 

@@ -23,7 +23,8 @@ def describe_aligner(path: Path, as_json: bool) -> None:
     summary = {
         "aligner": str(path),
         "parameters": model.n_parameters(),
-        "aligns_widths": list(model.layout.widths),
+        "aligns": model.signature.describe() + ", any hidden widths",
+        "trained_on_widths": info.get("widths_seen"),
         "model": info["model"],
         "zoo": info.get("zoo"),
         "task": info.get("task"),
@@ -34,7 +35,10 @@ def describe_aligner(path: Path, as_json: bool) -> None:
         console.print_json(json.dumps(summary))
         return
     console.print(f"[bold]{path}[/bold]  Deep-Align aligner, {summary['parameters']:,} parameters")
-    console.print(f"  aligns networks of widths {'-'.join(map(str, summary['aligns_widths']))}")
+    console.print(f"  aligns {summary['aligns']}")
+    if summary["trained_on_widths"]:
+        seen = ", ".join("-".join(map(str, w)) for w in summary["trained_on_widths"])
+        console.print(f"  trained on hidden widths {seen}")
     console.print(
         f"  trained on {summary['zoo']} ({summary['task']}), best epoch {summary['epoch']}"
     )
@@ -46,7 +50,12 @@ def describe_aligner(path: Path, as_json: bool) -> None:
 
 @app.command()
 def train(
-    zoo: Path = typer.Option(..., "--zoo", help="Zoo folder to train on (its train split)."),
+    zoo: Path = typer.Option(
+        ...,
+        "--zoo",
+        help="Zoo folder to train on (its train split); a zoo set (zoo --widths) trains one "
+        "aligner on every width.",
+    ),
     out: Path = typer.Option(..., "--out", help="Aligner folder to write."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Epochs."),
     batch: int = typer.Option(32, "--batch", min=1, help="Network pairs per step."),
@@ -84,12 +93,12 @@ def train(
         raise DeepAlignError(f"--size {size!r}: choose from {', '.join(MODEL_SIZES)}")
     dev = resolve_device(device)
     from deepalign.nn.sizes import default_probes
-    from deepalign.zoo.loader import Zoo
+    from deepalign.zoo.loader import open_zoos
 
     model = {
         **MODEL_SIZES[size],
         **({"downsample": downsample} if downsample else {}),
-        "probes": default_probes(Zoo(zoo).config) if probes is None else probes,
+        "probes": default_probes(open_zoos(zoo)[0].config) if probes is None else probes,
     }
     DeepAlignConfig(**model)  # a bad combination fails here, before the progress bar
     cfg = TrainConfig(

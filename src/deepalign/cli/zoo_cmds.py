@@ -112,6 +112,12 @@ def zoo(
     hidden: str | None = typer.Option(
         None, "--hidden", help="Hidden widths, e.g. 32,32,32 (MLP/SIREN) or 16,32 (CNN channels)."
     ),
+    widths: str | None = typer.Option(
+        None,
+        "--widths",
+        help="Several widths, e.g. 16,24,32,48,64: a zoo set with one member zoo per width "
+        "(every hidden layer that wide; --n split evenly), for an aligner of any width.",
+    ),
     lr: float | None = typer.Option(
         None, "--lr", help="Adam learning rate; task default if omitted."
     ),
@@ -134,11 +140,58 @@ def zoo(
         "run --shard i/n slices in parallel processes to use more cores).",
     ),
     device: str = DEVICE,
+    sources: str | None = typer.Option(
+        None,
+        "--from",
+        help="Make the zoo from your checkpoints instead of training one: a glob such as "
+        "'ckpts/*.pt' (quote it), with --model; a rerun adds new files and keeps the rest.",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="With --from: your class, FILE.py:NAME or package.module:NAME."
+    ),
+    model_args: str | None = typer.Option(
+        None, "--model-args", help="With --from: the class's keyword arguments as JSON."
+    ),
+    input_shape: str | None = typer.Option(
+        None, "--input-shape", help="With --from: one example's shape (needed for conv nets)."
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="With --from: data (NAME or FILE.npz/.pt) for each model's test loss and accuracy, "
+        "and for training an aligner on the zoo.",
+    ),
+    normalize: str = typer.Option(
+        "standard", "--normalize", help="With --from: standard or none (built-in data sets)."
+    ),
+    split: str = typer.Option(
+        "0.8,0.1,0.1", "--split", help="With --from: train,val,test fractions of the files."
+    ),
 ) -> None:
     """Train a zoo of networks of one architecture, many at once; resumable and shardable.
+    Or make one from your own checkpoints (--from).
 
     Example: deepalign zoo --task mlp-digits --n 2000 --out zoos/mlp-digits
+
+    Example: deepalign zoo --from 'ckpts/*.pt' --model my.py:MyMLP --data digits --out zoos/mine
     """
+    if sources is not None:
+        _zoo_from(
+            sources,
+            out,
+            model,
+            model_args,
+            input_shape,
+            data,
+            data_dir,
+            normalize,
+            split,
+            seed,
+            shard_size,
+        )
+        return
+    if model is not None or data is not None:
+        raise DeepAlignError("--model and --data make a zoo from checkpoints: add --from FILES")
     import torch
 
     from deepalign.zoo.build import ShardSlice, already_trained, build_zoo, prepare_zoo
@@ -148,11 +201,7 @@ def zoo(
     if threads <= 0:
         raise DeepAlignError(f"--threads must be positive, got {threads}")
     torch.set_num_threads(threads)
-    plan = make_plan(
-        task,
-        n,
-        seed,
-        hidden=_parse_hidden(hidden),
+    options = dict(
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
@@ -160,10 +209,28 @@ def zoo(
         views=views,
         shard_size=shard_size,
     )
+    if widths is not None:
+        from deepalign.zoo.zoo_set import open_set, parse_widths, plan_set
+
+        members = plan_set(task, n, widths, seed, hidden=_parse_hidden(hidden), **options)
+        open_set(
+            out,
+            members,
+            {
+                "task": task,
+                "n": n,
+                "seed": seed,
+                "widths": parse_widths(widths),
+                "options": options,
+            },
+        )
+        plans = [(out / name, plan) for name, plan in members]
+    else:
+        plans = [(out, make_plan(task, n, seed, hidden=_parse_hidden(hidden), **options))]
     part = ShardSlice.parse(shard)
-    mine = sum(len(plan.shard_indices(k)) for k in part.shards(plan))
-    data = prepare_zoo(plan, out, data_dir)
-    before = already_trained(plan, out, part)
+    mine = sum(len(p.shard_indices(k)) for _, p in plans for k in part.shards(p))
+    datas = [prepare_zoo(p, folder, data_dir) for folder, p in plans]
+    before = sum(already_trained(p, folder, part) for folder, p in plans)
     start = time.perf_counter()
     columns = (
         TextColumn("{task.description}"),
@@ -174,17 +241,21 @@ def zoo(
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
+    rows = []
     with Progress(*columns, console=err_console, transient=False) as bar:
         job = bar.add_task(f"zoo {task}", total=mine)
-        rows = build_zoo(
-            plan,
-            out,
-            data_dir=data_dir,
-            shard=part,
-            device=dev,
-            on_progress=lambda done: bar.update(job, completed=done),
-            data=data,
-        )
+        offset = 0
+        for (folder, plan), data in zip(plans, datas, strict=True):
+            rows += build_zoo(
+                plan,
+                folder,
+                data_dir=data_dir,
+                shard=part,
+                device=dev,
+                on_progress=lambda done, o=offset: bar.update(job, completed=o + done),
+                data=data,
+            )
+            offset += sum(len(plan.shard_indices(k)) for k in part.shards(plan))
     wall = time.perf_counter() - start
     s = summarize(rows)
     _out(f"{out}: {_summary_line(s)}")
@@ -196,6 +267,48 @@ def zoo(
     )
     if s["trained"] < s["models"]:
         _out("not complete: run the remaining --shard slices (or rerun without --shard) to finish")
+
+
+def _zoo_from(
+    sources, out, model, model_args, input_shape, data, data_dir, normalize, split, seed, shard_size
+) -> None:
+    """`zoo --from`: a zoo of the user's checkpoints."""
+    from deepalign.cli.common import check_normalize
+    from deepalign.zoo.from_checkpoints import zoo_from_checkpoints
+    from deepalign.zoo.loader import Zoo
+
+    if model is None:
+        raise DeepAlignError("--from needs --model FILE.py:NAME (the class of the checkpoints)")
+    try:
+        fractions = [float(f) for f in split.split(",")]
+    except ValueError:
+        raise DeepAlignError(f"--split {split!r}: expected fractions like 0.8,0.1,0.1") from None
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as bar:
+        job = bar.add_task("zoo from checkpoints", total=None)
+        folders = zoo_from_checkpoints(
+            sources,
+            out,
+            model,
+            model_args=model_args,
+            input_shape=input_shape,
+            data=data,
+            data_dir=data_dir,
+            normalize=check_normalize(normalize),
+            split_fractions=fractions,
+            seed=seed,
+            shard_size=shard_size or 256,
+            on_progress=lambda done, total: bar.update(job, completed=done, total=total),
+        )
+    for folder in folders:
+        z = Zoo(folder)
+        _out(f"{folder}: {_summary_line(summarize(z.rows))}")
 
 
 @app.command()

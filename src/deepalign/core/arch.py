@@ -119,6 +119,10 @@ def build(config: Config, where: str = "architecture") -> nn.Module:
     """Rebuild a module (fresh weights) from its config."""
     try:
         kind = config["type"]
+        if kind == "UserModel":
+            from deepalign.core.user_model import build_user_arch
+
+            return build_user_arch(config)
         if kind == "Sequential":
             return nn.Sequential(
                 *[build(c, f"{where}.{i}") for i, c in enumerate(config["layers"])]

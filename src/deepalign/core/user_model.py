@@ -78,6 +78,85 @@ def build_model(ref: str, args: Mapping[str, Any] | str | None = None) -> nn.Mod
     return model.eval()
 
 
+USER_MODEL = "UserModel"  # the architecture config type of a user's class (zoos from checkpoints)
+
+
+def user_arch(
+    model: str,
+    model_args: Mapping[str, Any] | str | None = None,
+    input_shape: str | tuple[int, ...] | list[int] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """An architecture config for the user's class: the reference (a file path made absolute),
+    its keyword arguments, one example's shape, and -- for other widths than the class builds --
+    every tensor's shape."""
+    where, sep, name = str(model).rpartition(":")
+    if sep and (where.endswith(".py") or "/" in where) and Path(where).is_file():
+        model = f"{Path(where).resolve()}:{name}"
+    if isinstance(model_args, str):
+        try:
+            model_args = json.loads(model_args)
+        except json.JSONDecodeError:
+            raise DeepAlignError(f"model arguments {model_args!r}: not valid JSON") from None
+    return {
+        "type": USER_MODEL,
+        "model": model,
+        "model_args": dict(model_args or {}),
+        "input_shape": None if input_shape is None else list(parse_shape(input_shape)),
+        "shapes": None if shapes is None else {k: list(v) for k, v in shapes.items()},
+    }
+
+
+def build_user_arch(config: Mapping[str, Any]) -> nn.Module:
+    """The module a :func:`user_arch` config describes (resized to its ``shapes`` when given)."""
+    module = build_model(str(config["model"]), config.get("model_args") or {})
+    shapes = config.get("shapes")
+    return resized(module, shapes) if shapes else module
+
+
+def config_example(config: Mapping[str, Any], module: nn.Module) -> Tensor | None:
+    """An example batch for the module a config describes, when the config records its input
+    shape (a user's class); None otherwise (our layer trees need none)."""
+    shape = config.get("input_shape") if config.get("type") == USER_MODEL else None
+    return example_batch(tuple(shape), module=module) if shape else None
+
+
+def resized(module: nn.Module, shapes: Mapping[str, Any]) -> nn.Module:
+    """``module`` with every parameter and buffer of ``shapes`` (other hidden widths than its
+    constructor made), the size attributes of torch's layers updated to match."""
+    own = module.state_dict()
+    for key, shape in shapes.items():
+        shape = tuple(int(d) for d in shape)
+        if key not in own or tuple(own[key].shape) == shape:
+            continue
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        old = getattr(owner, leaf)
+        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else shape[0]
+        gen = torch.Generator().manual_seed(len(key))
+        new = (torch.rand(shape, generator=gen) * 2 - 1).to(old.dtype) / fan_in**0.5
+        if leaf == "running_var":
+            new = torch.ones(shape, dtype=old.dtype)
+        elif leaf == "running_mean":
+            new = torch.zeros(shape, dtype=old.dtype)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(leaf, new)
+        if leaf == "weight" and len(shape) >= 2:
+            for attr, dim in (("out_features", 0), ("in_features", 1), ("out_channels", 0)):
+                if hasattr(owner, attr):
+                    setattr(owner, attr, shape[dim])
+            if hasattr(owner, "in_channels") and len(shape) > 2:
+                owner.in_channels = shape[1] * getattr(owner, "groups", 1)
+        elif len(shape) == 1:
+            if hasattr(owner, "num_features"):
+                owner.num_features = shape[0]
+            if isinstance(owner, nn.LayerNorm):
+                owner.normalized_shape = (shape[0],)
+    return module
+
+
 def parse_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     """One example's shape: ``"64"``, ``"1,28,28"`` (or ``1x28x28``), or a tuple."""
     if isinstance(text, tuple | list):

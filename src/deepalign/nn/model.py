@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from deepalign.nn.dws import DWSEncoder
 from deepalign.nn.pretrained import read_config, read_weights, write_folder
 from deepalign.nn.probes import ProbeFeatures
 from deepalign.nn.set_layers import POOLINGS, SET_LAYERS
-from deepalign.nn.weight_space import WeightSpaceLayout
+from deepalign.nn.weight_space import ViewSignature, WeightSpaceLayout
 from deepalign.solvers.assignment import linear_assignment, log_sinkhorn
 
 
@@ -160,18 +160,32 @@ View = tuple[tuple[Tensor, ...], tuple[Tensor, ...]]
 
 
 class DeepAlign(nn.Module):
-    """Siamese Deep-Align network for one architecture (``layout``); batched over pairs.
+    """Siamese Deep-Align network, batched over pairs; runs on networks of any hidden widths with
+    its :class:`~deepalign.nn.weight_space.ViewSignature` (depth, layer kinds, input and output
+    sizes, activations).
 
-    All state dicts are STACKED: every tensor has a leading batch dim ``B`` (one network each).
+    Built from the layout of the networks it is trained on (or, loaded, from the signature it
+    records). All state dicts are STACKED: every tensor has a leading batch dim ``B`` (one network
+    each). Networks of other widths pass their own ``layout`` (:meth:`layout_for`).
     """
 
-    def __init__(self, layout: WeightSpaceLayout, config: DeepAlignConfig | None = None) -> None:
+    def __init__(
+        self,
+        layout: WeightSpaceLayout | ViewSignature,
+        config: DeepAlignConfig | None = None,
+    ) -> None:
         super().__init__()
-        self.layout = layout
+        self.layout: WeightSpaceLayout | None = (
+            layout if isinstance(layout, WeightSpaceLayout) else None
+        )
+        sig = layout.signature if isinstance(layout, WeightSpaceLayout) else layout
+        self.signature: ViewSignature = sig
         self.config = config = config or DeepAlignConfig()
+        # the encoder's parameters depend on the depth, the input and output sizes and the largest
+        # feature size only (the hidden widths are set axes)
         self.encoder = DWSEncoder(
-            layout.widths,
-            layout.max_features,
+            [sig.inputs, *[1] * (len(sig.kinds) - 1), sig.outputs],
+            max(sig.features),
             hidden=config.hidden,
             edge_channels=config.edge_channels,
             messages=config.messages,
@@ -192,17 +206,55 @@ class DeepAlign(nn.Module):
         # (s is the inverse temperature of the row softmax and of Sinkhorn).
         self.log_scale = nn.Parameter(torch.tensor(math.log(config.init_scale)))
         self.probes = (
-            ProbeFeatures(layout, config.probes, config.out_features, config.probe_hidden)
+            ProbeFeatures(sig, config.probes, config.out_features, config.probe_hidden)
             if config.probes
             else None
         )
         self.arch: Mapping[str, Any] | None = None  # the networks' config, once known
         self.info: Mapping[str, Any] = {}
+        self._layouts: dict[tuple, WeightSpaceLayout] = {}
 
     @property
     def groups(self) -> list[str]:
-        """Spec group of each hidden layer, in order (the keys of every score dict)."""
-        return self.layout.hidden_groups
+        """Spec group of each hidden layer of the layout it was built with."""
+        return self._layout(None).hidden_groups
+
+    def _layout(self, layout: WeightSpaceLayout | None) -> WeightSpaceLayout:
+        if layout is not None:
+            return layout
+        if self.layout is None:
+            raise DeepAlignError(
+                "this aligner was loaded from its signature: pass the networks' layout "
+                "(DeepAlign.layout_for(spec, state))"
+            )
+        return self.layout
+
+    def layout_for(
+        self,
+        spec: PermutationSpec,
+        state: Mapping[str, Tensor],
+        batch_dims: int = 1,
+        where: str = "aligner",
+        activations: tuple[str, ...] | None = None,
+    ) -> WeightSpaceLayout:
+        """The layout of networks with ``spec`` and tensors like ``state`` (``batch_dims`` leading
+        dims), checked against this aligner's signature: one error saying what really differs."""
+        shapes = {k: tuple(v.shape[batch_dims:]) for k, v in state.items()}
+        key = (id(spec), tuple(sorted(shapes.items())), activations)
+        if key in self._layouts:
+            return self._layouts[key]
+        try:
+            layout = WeightSpaceLayout.from_spec(spec, shapes, activations=activations)
+        except DeepAlignError as exc:
+            raise DeepAlignError(f"{where}: {exc}") from None
+        diff = self.signature.differences(layout.signature)
+        if diff:
+            raise DeepAlignError(
+                f"{where}: the aligner was trained for networks of another architecture "
+                f"({'; '.join(diff)})"
+            )
+        self._layouts = {key: layout}  # one entry: the networks of the current call
+        return layout
 
     # -- embeddings -----------------------------------------------------------------------------
     def embed_view(self, weights: tuple[Tensor, ...], biases: tuple[Tensor, ...]) -> list[Tensor]:
@@ -220,11 +272,16 @@ class DeepAlign(nn.Module):
         scale = self.log_scale.exp()
         return [F.normalize(a, dim=-1) * scale for a in feats]
 
-    def embed(self, stacked: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def embed(
+        self, stacked: Mapping[str, Tensor], layout: WeightSpaceLayout | None = None
+    ) -> dict[str, Tensor]:
         """Neuron embeddings of a batch of networks, keyed by hidden group."""
-        return dict(zip(self.groups, self.embed_view(*self.layout.to_view(stacked)), strict=True))
+        lay = self._layout(layout)
+        return dict(zip(lay.hidden_groups, self.embed_view(*lay.to_view(stacked)), strict=True))
 
-    def scores_from_views(self, view_a: View, view_b: View) -> Scores:
+    def scores_from_views(
+        self, view_a: View, view_b: View, groups: list[str] | None = None
+    ) -> Scores:
         """Score matrices from two padded views with equal batch sizes (one encoder pass for both)."""
         n = view_a[0][0].shape[0]
         if view_b[0][0].shape[0] != n:
@@ -238,13 +295,19 @@ class DeepAlign(nn.Module):
         feats = self.embed_view(*both)
         return {
             g: torch.einsum("bid,bjd->bij", a[:n], a[n:])
-            for g, a in zip(self.groups, feats, strict=True)
+            for g, a in zip(groups or self.groups, feats, strict=True)
         }
 
     # -- the three uses -------------------------------------------------------------------------
-    def forward(self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> Scores:
+    def forward(
+        self,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        layout: WeightSpaceLayout | None = None,
+    ) -> Scores:
         """``{group: Q (B, n, n)}``, ``Q[b, i, j]`` = score of A's neuron i against B's neuron j."""
-        return self.scores_from_views(self.layout.to_view(state_a), self.layout.to_view(state_b))
+        lay = self._layout(layout)
+        return self.scores_from_views(lay.to_view(state_a), lay.to_view(state_b), lay.hidden_groups)
 
     def soft(self, scores: Mapping[str, Tensor] | Tensor, iters: int | None = None):
         """Doubly-stochastic matrices (log-domain Sinkhorn on ``Q``, differentiable).
@@ -258,23 +321,34 @@ class DeepAlign(nn.Module):
         return {g: log_sinkhorn(q, n_iter).exp() for g, q in scores.items()}
 
     @torch.no_grad()
-    def align(self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> Permutation:
+    def align(
+        self,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        spec: PermutationSpec | None = None,
+    ) -> Permutation:
         """Hard permutations ``(B, n)`` per group (eval mode, Hungarian on ``Q``, maximised).
 
-        ``apply(layout.spec, perm, state_b, batch_dims=1)`` puts each B into its A's basis.
+        ``spec``: the networks' spec when they are not of the layout the aligner was built with
+        (any hidden widths). ``apply(spec, perm, state_b, batch_dims=1)`` puts each B into its
+        A's basis.
         """
-        return self.align_with_similarities(state_a, state_b)[0]
+        return self.align_with_similarities(state_a, state_b, spec)[0]
 
     @torch.no_grad()
     def align_with_similarities(
-        self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]
+        self,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        spec: PermutationSpec | None = None,
     ) -> tuple[Permutation, Scores]:
         """:meth:`align`'s permutations and the cosine similarities ``Q / s^2`` (in [-1, 1]) they
         maximise: the aligner's soft answer, e.g. a start for Sinkhorn (``deepalign+sinkhorn``)."""
+        layout = None if spec is None else self.layout_for(spec, state_a)
         was_training = self.training
         self.eval()
         try:
-            scores = self(state_a, state_b)
+            scores = self(state_a, state_b, layout)
         finally:
             self.train(was_training)
         s2 = self.log_scale.detach().mul(2).exp()
@@ -285,22 +359,28 @@ class DeepAlign(nn.Module):
 
     # -- compatibility and folders --------------------------------------------------------------
     def check_compatible(
-        self, spec: PermutationSpec, arch: Mapping[str, Any] | None = None, where: str = "aligner"
+        self,
+        spec: PermutationSpec,
+        arch: Mapping[str, Any] | None = None,
+        where: str = "aligner",
+        state: Mapping[str, Tensor] | None = None,
+        module: nn.Module | None = None,
     ) -> None:
-        """Refuse networks of another architecture than this aligner was trained for: their spec
-        (and, when both are known, their architecture config) must match. The one check, the one
-        message."""
-        mine = self.layout.spec
-        same = mine.same_structure(spec) and dict(mine.groups) == dict(spec.groups)
-        if same and (arch is None or self.arch is None or dict(self.arch) == dict(arch)):
-            return
-        ours = "-".join(map(str, self.layout.widths))
-        theirs = "-".join(str(n) for n in spec.groups.values())
-        detail = "" if not same else " (same widths, another architecture config)"
-        raise DeepAlignError(
-            f"{where}: the aligner was trained for networks of widths {ours}; these networks "
-            f"have hidden widths {theirs}{detail}"
-        )
+        """Refuse networks this aligner cannot run on: one message saying what really differs
+        (depth, layer kinds, input or output size, activation) -- never the hidden widths, which
+        may be any. ``state``: one network's tensors (the shapes); ``module``: the networks' class,
+        to compare activations when they can be measured."""
+        if state is None:
+            if module is None:
+                raise DeepAlignError(f"{where}: pass the networks' tensors to check an aligner")
+            state = module.state_dict()
+        acts = None
+        if module is not None and self.signature.activations is not None:
+            try:
+                acts = WeightSpaceLayout.from_module(module).activations
+            except DeepAlignError:
+                acts = None
+        self.layout_for(spec, state, batch_dims=0, where=where, activations=acts)
 
     @classmethod
     def from_pretrained(
@@ -308,8 +388,20 @@ class DeepAlign(nn.Module):
     ) -> DeepAlign:
         """Load a trained aligner folder (``config.json`` + ``model.safetensors``), in eval mode."""
         config = read_config(folder)
-        layout = WeightSpaceLayout.from_config(config["arch"])
-        model = cls(layout, DeepAlignConfig.from_dict(config["model"]))
+        model_config = DeepAlignConfig.from_dict(config["model"])
+        sig = (
+            ViewSignature.from_json(config["signature"], where=f"{folder}/config.json")
+            if "signature" in config
+            else None
+        )
+        layout = None
+        if config["arch"].get("type") is not None:  # our architecture: its layout is the default
+            layout = WeightSpaceLayout.from_config(config["arch"])
+            if sig is not None:
+                layout = replace(layout, activations=sig.activations)
+        elif sig is None:
+            raise DeepAlignError(f"{folder}: config.json records neither signature nor arch")
+        model = cls(layout if layout is not None else sig, model_config)
         try:
             model.load_state_dict(read_weights(folder))
         except RuntimeError:
@@ -327,6 +419,7 @@ class DeepAlign(nn.Module):
         info: Mapping[str, Any] | None = None,
     ) -> None:
         """Write this aligner as a folder; ``arch`` is the config of the networks it aligns."""
+        info = {"signature": self.signature.to_json(), **dict(info or {})}
         write_folder(folder, self.state_dict(), arch, self.config.to_dict(), info)
 
     def n_parameters(self) -> int:

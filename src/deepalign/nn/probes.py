@@ -19,46 +19,35 @@ import torch
 from torch import Tensor, nn
 
 from deepalign.errors import DeepAlignError
-from deepalign.nn.weight_space import WeightSpaceLayout
+from deepalign.nn.activations import activation_module
+from deepalign.nn.weight_space import ViewSignature, WeightSpaceLayout
 
 
-def _activations(layout: WeightSpaceLayout) -> list[nn.Module]:
-    """The activation after each hidden Linear of the architecture ``layout`` describes."""
-    from deepalign.core.arch import build
-
-    if layout.arch is None:
-        raise DeepAlignError("probe features need the networks' architecture config")
-    module = build(dict(layout.arch))
-    acts: list[nn.Module] = []
-    pending = False
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            if pending:
-                acts.append(nn.Identity())
-            pending = True
-        elif pending and not isinstance(m, (nn.Sequential, nn.Dropout, nn.Flatten, nn.Identity)):
-            acts.append(m)
-            pending = False
-    return acts[: layout.n_layers - 1]
-
-
-def supports_probes(layout: WeightSpaceLayout) -> bool:
-    """Probe features need a chain of linear layers (MLPs, SIRENs) with a known architecture."""
-    return layout.arch is not None and all(x.kind == "linear" for x in layout.layers)
+def supports_probes(layout: WeightSpaceLayout | ViewSignature) -> bool:
+    """Probe features need a chain of linear layers (MLPs, SIRENs) whose activations are known."""
+    sig = layout.signature if isinstance(layout, WeightSpaceLayout) else layout
+    return sig.activations is not None and all(k == "linear" for k in sig.kinds)
 
 
 class ProbeFeatures(nn.Module):
-    """``(B, n_m, out)`` per hidden layer m from the networks' activations on ``k`` probes."""
+    """``(B, n_m, out)`` per hidden layer m from the networks' activations on ``k`` probes.
 
-    def __init__(self, layout: WeightSpaceLayout, k: int, out: int, hidden: int = 64) -> None:
+    Its parameters depend on the input size and the depth, not on the hidden widths."""
+
+    def __init__(
+        self, layout: WeightSpaceLayout | ViewSignature, k: int, out: int, hidden: int = 64
+    ) -> None:
         super().__init__()
-        if not supports_probes(layout):
+        sig = layout.signature if isinstance(layout, WeightSpaceLayout) else layout
+        if not supports_probes(sig):
             raise DeepAlignError(
-                "probe features need an MLP or SIREN chain (linear layers only); set probes=0"
+                "probe features need an MLP or SIREN chain (linear layers only) whose activations "
+                "are known; set probes=0"
             )
-        self.acts = nn.ModuleList(_activations(layout))
-        self.x = nn.Parameter(torch.randn(k, layout.widths[0]))
-        n_hidden = layout.n_layers - 1
+        assert sig.activations is not None
+        self.acts = nn.ModuleList(activation_module(a) for a in sig.activations)
+        self.x = nn.Parameter(torch.randn(k, sig.inputs))
+        n_hidden = len(sig.kinds) - 1
         self.norms = nn.ModuleList(nn.LayerNorm(2 * k) for _ in range(n_hidden))
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(2 * k, hidden), nn.ReLU(), nn.Linear(hidden, out))

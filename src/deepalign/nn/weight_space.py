@@ -24,12 +24,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from deepalign.core.layers import Residual, ViT
-from deepalign.core.spec import PermutationSpec, StateDict
+from deepalign.core.spec import Concat, PermutationSpec, StateDict
 from deepalign.errors import DeepAlignError
 
 View = tuple[tuple[Tensor, ...], tuple[Tensor, ...]]
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
 
 
 @dataclass(frozen=True)
@@ -64,19 +62,108 @@ class LayerView:
 
 
 @dataclass(frozen=True)
+class ViewSignature:
+    """What a Deep-Align aligner's parameters depend on: the depth, each layer's kind and feature
+    size, the network's input and output sizes, and the activations (when known). Not the hidden
+    widths: an aligner runs on networks of any hidden widths with its signature."""
+
+    kinds: tuple[str, ...]
+    features: tuple[int, ...]
+    inputs: int
+    outputs: int
+    activations: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kinds": list(self.kinds),
+            "features": list(self.features),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "activations": None if self.activations is None else list(self.activations),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str = "signature") -> ViewSignature:
+        try:
+            acts = data.get("activations")
+            return cls(
+                tuple(str(k) for k in data["kinds"]),
+                tuple(int(f) for f in data["features"]),
+                int(data["inputs"]),
+                int(data["outputs"]),
+                None if acts is None else tuple(str(a) for a in acts),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DeepAlignError(f"{where}: malformed view signature ({exc})") from None
+
+    def describe(self) -> str:
+        """``linear(1) -> linear(1) -> linear(1), 64 inputs, 10 outputs, relu``."""
+        layers = " -> ".join(f"{k}({f})" for k, f in zip(self.kinds, self.features, strict=True))
+        acts = "" if self.activations is None else ", " + "/".join(self.activations)
+        return f"{layers}, {self.inputs} inputs, {self.outputs} outputs{acts}"
+
+    def differences(self, other: ViewSignature) -> list[str]:
+        """What really differs, in words (``[]`` when an aligner of one runs on the other)."""
+        out = []
+        if len(self.kinds) != len(other.kinds):
+            out.append(f"depth: {len(self.kinds)} layers vs {len(other.kinds)}")
+        elif self.kinds != other.kinds:
+            out.append(f"layer kinds: {'-'.join(self.kinds)} vs {'-'.join(other.kinds)}")
+        elif self.features != other.features:
+            out.append(
+                "features per weight (conv kernels, flattened positions): "
+                f"{'-'.join(map(str, self.features))} vs {'-'.join(map(str, other.features))}"
+            )
+        if self.inputs != other.inputs:
+            out.append(f"input size: {self.inputs} vs {other.inputs}")
+        if self.outputs != other.outputs:
+            out.append(f"output size: {self.outputs} vs {other.outputs}")
+        if (
+            len(self.kinds) == len(other.kinds)
+            and self.activations is not None
+            and other.activations is not None
+            and self.activations != other.activations
+        ):
+            out.append(
+                f"activations: {'/'.join(self.activations)} vs {'/'.join(other.activations)}"
+            )
+        return out
+
+
+@dataclass(frozen=True)
 class WeightSpaceLayout:
     """How the state dicts of one chain architecture map to and from the weight-space view."""
 
     layers: tuple[LayerView, ...]
     spec: PermutationSpec
     arch: Mapping[str, Any] | None = None
+    activations: tuple[str, ...] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: nn.Module) -> WeightSpaceLayout:
-        """Derive the layout of ``module`` (a layer tree from :mod:`deepalign.core.arch`)."""
+    def from_spec(
+        cls,
+        spec: PermutationSpec,
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        arch: Mapping[str, Any] | None = None,
+        activations: Sequence[str] | None = None,
+    ) -> WeightSpaceLayout:
+        """The layout of networks with permutation spec ``spec`` and tensors of ``shapes`` (one
+        network's, no batch dim): the chain of Linear/Conv2d weights that the hidden groups link,
+        in the order the groups link them, whatever the parameters are called."""
+        layers = _chain_layers(spec, {k: tuple(v) for k, v in shapes.items()})
+        return cls(tuple(layers), spec, arch, None if activations is None else tuple(activations))
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, example: Tensor | tuple[Tensor, ...] | None = None
+    ) -> WeightSpaceLayout:
+        """The layout of ``module``: a layer tree of :mod:`deepalign.core.arch` or the user's own
+        chain class (traced on ``example``, guessed when its first layer is a Linear)."""
         from deepalign.core.arch import describe
-        from deepalign.core.spec_builders import spec_for_module
+        from deepalign.core.user_model import guess_example, spec_of
+        from deepalign.nn.activations import identify_activations
 
         for name, m in module.named_modules():
             if isinstance(m, ViT):
@@ -88,66 +175,56 @@ class WeightSpaceLayout:
             if isinstance(m, Residual):
                 raise DeepAlignError(
                     f"{name or 'model'}: residual connections tie non-neighbouring layers; the "
-                    "weight-space view needs a chain network (MLP, CNN, SIREN)"
+                    "weight-space view needs a chain network (MLP, CNN, SIREN); align it with "
+                    "wm, am or sinkhorn"
                 )
         for name, m in module.named_modules():
-            where = name or "model"
-            if isinstance(m, _NORMS):
+            if (
+                "Norm" in type(m).__name__
+                and any(True for _ in m.parameters(recurse=False))
+                or (isinstance(m, nn.modules.batchnorm._NormBase))
+            ):
                 raise DeepAlignError(
-                    f"{where}: {type(m).__name__} carries per-neuron parameters that the "
-                    "weight-space view cannot represent (use a network without normalisation layers)"
+                    f"{name or 'model'}: {type(m).__name__} carries per-neuron parameters that "
+                    f"the weight-space view cannot take; {_NORM_HINT}"
                 )
-        spec = spec_for_module(module)
-        params = [
-            (name, m) for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-        ]
-        layers = []
-        seen_linear = False
-        for name, m in params:
-            wkey = f"{name}.weight"
-            entries = spec.axes[wkey]
-            out_e, in_e = entries[0], entries[1]
-            bkey = f"{name}.bias" if m.bias is not None else None
-            if isinstance(m, nn.Conv2d):
-                if seen_linear:
-                    raise DeepAlignError(
-                        f"{name}: a conv layer after a linear layer is not a chain"
-                    )
-                if m.groups != 1:
-                    raise DeepAlignError(f"{name}: grouped convolutions are not supported")
-                kernel = tuple(m.weight.shape[2:])
-                feats, kind, d_in = kernel[0] * kernel[1], "conv", m.in_channels
-            else:
-                seen_linear = True
-                inner = in_e.inner if in_e is not None else 1
-                kind = "folded" if inner > 1 else "linear"
-                kernel, feats, d_in = (), inner, m.in_features // inner
-            layers.append(
-                LayerView(
-                    weight_key=wkey,
-                    bias_key=bkey,
-                    kind=kind,
-                    d_in=d_in,
-                    d_out=m.weight.shape[0],
-                    features=feats,
-                    kernel=kernel,
-                    in_group=None if in_e is None else in_e.group,
-                    out_group=None if out_e is None else out_e.group,
-                )
-            )
-        _check_chain(layers, spec)
+        spec = spec_of(module, example)
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        layout = cls.from_spec(spec, shapes)
         try:
             arch = describe(module)
         except DeepAlignError:
             arch = None
-        return cls(tuple(layers), spec, arch)
+        acts = None
+        if all(x.kind == "linear" for x in layout.layers):
+            probe = example if example is not None else guess_example(module)
+            if probe is not None:
+                acts = identify_activations(module, [x.weight_key for x in layout.layers], probe)
+        return cls(layout.layers, spec, arch, acts)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> WeightSpaceLayout:
         """The layout of the architecture described by ``config`` (see :func:`deepalign.core.arch.build`)."""
         from deepalign.core.arch import build
+        from deepalign.core.user_model import config_example
 
-        return cls.from_module(build(dict(config)))
+        module = build(dict(config))
+        return cls.from_module(module, config_example(config, module))
+
+    @property
+    def signature(self) -> ViewSignature:
+        """What an aligner for these networks depends on (not the hidden widths)."""
+        return ViewSignature(
+            tuple(x.kind for x in self.layers),
+            self.features,
+            self.layers[0].d_in,
+            self.layers[-1].d_out,
+            self.activations,
+        )
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        return self.widths[1:-1]
 
     # -- sizes --------------------------------------------------------------------------------
     @property
@@ -281,24 +358,105 @@ class WeightSpaceLayout:
         return out
 
 
-def _check_chain(layers: list[LayerView], spec: PermutationSpec) -> None:
-    """Every hidden group must link one layer's output to the next layer's input, and nothing else."""
-    if len(layers) < 2:
-        raise DeepAlignError("the weight-space view needs at least one hidden layer to align")
-    if layers[0].in_group is not None or layers[-1].out_group is not None:
-        raise DeepAlignError("network inputs and outputs must not be permuted")
-    for prev, cur in zip(layers[:-1], layers[1:], strict=True):
-        if prev.out_group is None or prev.out_group != cur.in_group:
+_NORM_HINT = "align it with wm, am or sinkhorn"
+
+
+def _chain_layers(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]]) -> list[LayerView]:
+    """The chain's layers from the spec: weights (2-D Linear, 4-D Conv2d) linked input to output
+    by the hidden groups; anything else a group acts on is one error naming it."""
+    weights: dict[str, tuple[Any, Any]] = {}
+    biases: dict[str, str] = {}
+    for key, entries in spec.axes.items():
+        shape = shapes.get(key)
+        if shape is None:
+            raise DeepAlignError(f"{key}: in the spec but not among the network's tensors")
+        prefix, _, leaf = key.rpartition(".")
+        if leaf == "weight" and len(shape) in (2, 4):
+            weights[key] = (entries[0], entries[1])
+        elif leaf == "bias" and len(shape) == 1:
+            biases[prefix] = key
+        elif any(e is not None for e in entries):
             raise DeepAlignError(
-                f"{cur.weight_key}: its input is not the previous layer's output; the weight-space "
-                "view needs a chain network (MLP, CNN, SIREN)"
+                f"{key}: {_what(leaf, shape)} carries per-neuron parameters that the weight-space "
+                f"view cannot take (Deep-Align takes chain networks: MLP, CNN, SIREN); {_NORM_HINT}"
             )
-    keys = {x.weight_key for x in layers} | {x.bias_key for x in layers if x.bias_key}
-    extra = [k for k in spec.axes if k not in keys]
-    if extra:
+    for key, (out_e, in_e) in weights.items():
+        for e in (out_e, in_e):
+            if isinstance(e, Concat) or (e is not None and e.group in spec.heads):
+                raise DeepAlignError(
+                    f"{key}: fused or head-structured axes (attention) are not in the "
+                    f"weight-space view; {_NORM_HINT}"
+                )
+    starts = [k for k, (_, i) in weights.items() if i is None]
+    if len(starts) != 1:
         raise DeepAlignError(
-            f"{extra[0]}: tensors other than weights and biases are not part of the weight-space view"
+            "the weight-space view needs one input layer and a chain of layers after it; "
+            f"found {len(starts)} layers with unpermuted inputs ({', '.join(starts[:3])}); "
+            + _NORM_HINT
         )
+    by_input: dict[str, list[str]] = {}
+    for k, (_, in_e) in weights.items():
+        if in_e is not None:
+            by_input.setdefault(in_e.group, []).append(k)
+    order, key, seen_linear = [], starts[0], False
+    while True:
+        out_e, in_e = weights[key]
+        shape = shapes[key]
+        prefix = key.rpartition(".")[0]
+        bias = biases.get(prefix)
+        if len(shape) == 4:
+            if seen_linear:
+                raise DeepAlignError(f"{key}: a conv layer after a linear layer is not a chain")
+            kernel = tuple(shape[2:])
+            kind, d_in, feats = "conv", shape[1], kernel[0] * kernel[1]
+        else:
+            seen_linear = True
+            inner = in_e.inner if in_e is not None else 1
+            kind = "folded" if inner > 1 else "linear"
+            kernel, feats, d_in = (), inner, shape[1] // inner
+        order.append(
+            LayerView(
+                weight_key=key,
+                bias_key=bias,
+                kind=kind,
+                d_in=d_in,
+                d_out=shape[0],
+                features=feats,
+                kernel=kernel,
+                in_group=None if in_e is None else in_e.group,
+                out_group=None if out_e is None else out_e.group,
+            )
+        )
+        if out_e is None:
+            break
+        nxt = by_input.get(out_e.group, [])
+        others = [m.key for m in spec.members[out_e.group] if m.key not in (key, bias, *nxt)]
+        if len(nxt) != 1 or others:
+            what = others[0] if others else (nxt[1] if len(nxt) > 1 else key)
+            raise DeepAlignError(
+                f"{what}: the neurons of {key.rpartition('.')[0] or key} reach more than the next "
+                "layer (a residual addition, a norm or a branch); the weight-space view needs a "
+                f"chain network (MLP, CNN, SIREN); {_NORM_HINT}"
+            )
+        key = nxt[0]
+        if key in (x.weight_key for x in order):
+            raise DeepAlignError(f"{key}: the layers form a cycle, not a chain")
+    if len(order) < 2:
+        raise DeepAlignError("the weight-space view needs at least one hidden layer to align")
+    left = [k for k in weights if k not in {x.weight_key for x in order}]
+    if left:
+        raise DeepAlignError(
+            f"{left[0]}: a layer outside the chain from {starts[0]} (a branch); {_NORM_HINT}"
+        )
+    return order
+
+
+def _what(leaf: str, shape: tuple[int, ...]) -> str:
+    if leaf in ("running_mean", "running_var"):
+        return "a BatchNorm layer"
+    if len(shape) == 1:
+        return "a normalisation layer" if leaf in ("weight", "bias") else f"tensor {leaf!r}"
+    return f"a {len(shape)}-d tensor"
 
 
 def permute_view(

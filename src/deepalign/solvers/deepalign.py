@@ -28,13 +28,22 @@ class Aligner(Protocol):
     """What the ``deepalign`` method needs of an aligner."""
 
     def check_compatible(
-        self, spec: PermutationSpec, arch: Mapping[str, Any] | None = None, where: str = ""
+        self,
+        spec: PermutationSpec,
+        arch: Mapping[str, Any] | None = None,
+        where: str = "",
+        state: Mapping[str, Tensor] | None = None,
+        module: Any = None,
     ) -> None:
-        """Raise a one-line DeepAlignError unless it was trained for networks of this spec."""
+        """Raise a one-line DeepAlignError unless it runs on networks of this spec whose tensors
+        are shaped like ``state`` (one network's; any hidden widths)."""
         ...
 
     def align_with_similarities(
-        self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]
+        self,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        spec: PermutationSpec | None = None,
     ) -> tuple[Permutation, dict[str, Tensor]]:
         """Stacked permutations ``(N, n)`` and cosine similarities ``(N, n, n)`` per group."""
         ...
@@ -45,9 +54,11 @@ def check_aligner(
     spec: PermutationSpec,
     where: str = "aligner",
     arch: Mapping[str, Any] | None = None,
+    state: Mapping[str, Tensor] | None = None,
+    module: Any = None,
 ) -> Aligner:
-    """``aligner`` as an :class:`Aligner` for networks of ``spec`` (and of the architecture config
-    ``arch`` when known): the one place this is checked."""
+    """``aligner`` as an :class:`Aligner` for networks of ``spec`` shaped like ``state`` (one
+    network's tensors; or ``module``'s): the one place this is checked."""
     if aligner is None:
         raise DeepAlignError(
             "method deepalign needs a trained aligner: aligner=DeepAlign.from_pretrained(folder)"
@@ -59,7 +70,7 @@ def check_aligner(
         )
     if not isinstance(aligner, Aligner):
         raise DeepAlignError(f"aligner: expected a trained Deep-Align model, got {type(aligner)}")
-    aligner.check_compatible(spec, arch, where)
+    aligner.check_compatible(spec, arch, where, state=state, module=module)
     return aligner
 
 
@@ -74,9 +85,9 @@ def deepalign_batch(
 ) -> tuple[Permutation, list[dict[str, Any]]]:
     """N stacked pairs in one forward pass: permutations ``(N, n)``, and per pair an info with the
     aligner's similarities (for the next stage)."""
-    model = check_aligner(aligner, spec)
+    model = check_aligner(aligner, spec, state={k: v[0] for k, v in a.items()})
     start = time.perf_counter()
-    perm, sims = model.align_with_similarities(a, b)
+    perm, sims = model.align_with_similarities(a, b, spec)
     n = next(iter(perm.values())).shape[0]
     seconds = time.perf_counter() - start
     device = next(iter(a.values())).device

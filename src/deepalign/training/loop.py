@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -131,13 +132,29 @@ def load_training_state(path: Path) -> dict:
         ) from None
 
 
+@dataclass
+class TrainGroup:
+    """The training networks of one architecture (one width of a zoo set): a step draws all its
+    pairs from one group, since pairs are aligned within one architecture."""
+
+    layout: Any  # deepalign.nn.weight_space.WeightSpaceLayout
+    module: torch.nn.Module
+    states: dict[str, Tensor]
+    task: PairTask
+
+    @property
+    def spec(self):
+        return self.layout.spec
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.states.values())).shape[0]
+
+
 def train_epoch(
     model,
     optimizer,
-    spec,
-    module,
-    train_states: dict[str, Tensor],
-    task: PairTask,
+    groups: list[TrainGroup],
     cfg: TrainConfig,
     epoch: int,
     device: torch.device,
@@ -147,50 +164,60 @@ def train_epoch(
 ) -> dict:
     """One epoch of steps; returns the mean of each loss term (of this rank's pairs).
 
-    Every step draws the whole global batch's randomness (pairs, planted permutations,
-    augmentations, the data batch, lam), then computes the loss of this rank's slice of the pairs
-    (``ranks``; all of them in a single process) with ``net`` (the model, or its DDP wrapper)."""
+    Every step draws the whole global batch's randomness (the group when there are several,
+    pairs, planted permutations, augmentations, the data batch, lam), then computes the loss of
+    this rank's slice of the pairs (``ranks``; all of them in a single process) with ``net`` (the
+    model, or its DDP wrapper)."""
     ranks = ranks or Ranks()
     net = net if net is not None else model
     g = _epoch_generator(cfg.seed, epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout inside the model
     augment = Augment(**cfg.augment)
-    n_train = next(iter(train_states.values())).shape[0]
-    steps = cfg.steps_per_epoch or max(1, n_train // cfg.batch)
-    order = torch.randperm(n_train, generator=g)
+    sizes = torch.tensor([float(grp.size) for grp in groups])
+    steps = cfg.steps_per_epoch or max(1, int(sizes.sum()) // cfg.batch)
+    # one shuffled order per group (a single group: exactly the order a one-zoo run always drew)
+    orders = [torch.randperm(grp.size, generator=g) for grp in groups]
+    used = [0] * len(groups)
     sums = {"loss": 0.0, "supervised": 0.0, "alignment": 0.0, "lmc": 0.0}
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, epoch * steps + step, cfg.epochs * steps)
-        idx = order[(torch.arange(cfg.batch) + step * cfg.batch) % n_train]
+        k = 0 if len(groups) == 1 else int(torch.multinomial(sizes, 1, generator=g))
+        grp = groups[k]
+        spec, task, states = grp.spec, grp.task, grp.states
+        n_train = grp.size
+        idx = orders[k][(torch.arange(cfg.batch) + used[k] * cfg.batch) % n_train]
+        used[k] += 1
         other = task.partner(idx, g)
-        a = {k: v[idx].to(device) for k, v in train_states.items()}
-        b = {k: v[other].to(device) for k, v in train_states.items()}
+        a = {key: v[idx].to(device) for key, v in states.items()}
+        b = {key: v[other].to(device) for key, v in states.items()}
         t = P.random_permutation(spec, generator=g, batch=cfg.batch)
         planted = P.apply(spec, t, augment(a, spec, g), batch_dims=1)
-        target = {k: v.to(device) for k, v in P.invert(t).items()}
+        target = {key: v.to(device) for key, v in P.invert(t).items()}
         if cfg.w_lmc:
             x, y, criterion = task.batch(idx, g, device)
             lam = torch.rand(cfg.batch, generator=g)
         mine = ranks.share(cfg.batch)  # this rank's pairs
-        a, b, planted = ({k: v[mine] for k, v in s.items()} for s in (a, b, planted))
-        target = {k: v[mine] for k, v in target.items()}
+        a, b, planted = ({key: v[mine] for key, v in s.items()} for s in (a, b, planted))
+        target = {key: v[mine] for key, v in target.items()}
         n = a[next(iter(a))].shape[0]
-        both_a = {k: torch.cat([a[k], a[k]]) for k in a}
-        both_b = {k: torch.cat([planted[k], b[k]]) for k in b}
-        scores = net(both_a, both_b)
-        sup_scores = {k: q[:n] for k, q in scores.items()}
-        soft = model.soft({k: q[n:] for k, q in scores.items()})
+        both_a = {key: torch.cat([a[key], a[key]]) for key in a}
+        both_b = {key: torch.cat([planted[key], b[key]]) for key in b}
+        scores = net(both_a, both_b, grp.layout)
+        sup_scores = {key: q[:n] for key, q in scores.items()}
+        soft = model.soft({key: q[n:] for key, q in scores.items()})
         terms = {"supervised": supervised_loss(sup_scores, target)}
         if cfg.w_alignment:
             terms["alignment"] = alignment_loss(spec, a, b, soft)
         if cfg.w_lmc:
             if task.inr:  # per-pair targets: this rank's rows
                 y = y[mine]
-            terms["lmc"] = lmc_loss(spec, module, a, b, soft, x, y, None, criterion, lam=lam[mine])
+            terms["lmc"] = lmc_loss(
+                spec, grp.module, a, b, soft, x, y, None, criterion, lam=lam[mine]
+            )
         weights = {"supervised": cfg.w_supervised, "alignment": cfg.w_alignment, "lmc": cfg.w_lmc}
-        loss = sum(weights[k] * v for k, v in terms.items())
+        loss = sum(weights[key] * v for key, v in terms.items())
         if not torch.isfinite(loss):
             raise DeepAlignError(
                 f"training diverged at epoch {epoch} step {step} (loss {loss.item()})"
@@ -200,11 +227,11 @@ def train_epoch(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         sums["loss"] += loss.item()
-        for k, v in terms.items():
-            sums[k] += v.item()
+        for key, v in terms.items():
+            sums[key] += v.item()
         if on_step is not None:
-            on_step(step, {k: v / (step + 1) for k, v in sums.items()})
-    return {k: v / steps for k, v in sums.items()}
+            on_step(step, {key: v / (step + 1) for key, v in sums.items()})
+    return {key: v / steps for key, v in sums.items()}
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

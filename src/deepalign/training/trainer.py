@@ -28,6 +28,7 @@ from deepalign.training.augment import Augment
 from deepalign.training.distributed import local_device, setup
 from deepalign.training.loop import (
     TrainConfig,
+    TrainGroup,
     load_training_state,
     plot_history,
     save_training_state,
@@ -36,7 +37,7 @@ from deepalign.training.loop import (
 )
 from deepalign.training.losses import interpolate_pairs
 from deepalign.training.pairs import PairTask, pair_task
-from deepalign.zoo.loader import Zoo
+from deepalign.zoo.loader import Zoo, open_zoos
 
 STATE_FILE = "train_state.pt"
 
@@ -57,7 +58,7 @@ def planted_accuracy(
     n = next(iter(states.values())).shape[0]
     t = P.random_permutation(spec, generator=g, batch=n)
     moved = P.apply(spec, t, augment(states, spec, g), batch_dims=1)
-    pred = model.align(states, moved)
+    pred = model.align(states, moved, spec)
     want = P.invert(t)
     hits = sum(int((pred[k].cpu() == want[k]).sum()) for k in want)
     total = sum(v.numel() for v in want.values())
@@ -71,7 +72,7 @@ def validate(
     """Hard permutations on the fixed validation pairs: barrier, loss at λ=0.5, planted accuracy."""
     spec = zoo.spec
     a, b = val
-    perm = model.align(a, b)
+    perm = model.align(a, b, spec)
     aligned = P.apply(spec, perm, b, batch_dims=1)
     if isinstance(data, tuple):  # INRs: MSE to the shared target (two views of one target)
         coords, target = (t.to(device) for t in data)
@@ -91,6 +92,17 @@ def validate(
         "val_loss_mid": float(mid.mean()),
         "val_perm_accuracy": planted_accuracy(model, spec, a, Augment(**cfg.augment), cfg.seed + 7),
     }
+
+
+def _validate_all(model: DeepAlign, vals: list, cfg: TrainConfig, device) -> dict[str, float]:
+    """:func:`validate` on every width's pairs, averaged by their numbers of pairs (and per width
+    when there are several)."""
+    rows = [(validate(model, z, pair, data, cfg, device), n, z) for z, pair, data, n in vals]
+    total = sum(n for _, n, _ in rows)
+    out = {k: sum(r[k] * n for r, n, _ in rows) / total for k in rows[0][0]}
+    if len(rows) > 1:
+        out["val_barrier_by_zoo"] = {z.path.name: r["val_barrier"] for r, _, z in rows}
+    return out
 
 
 def probe_inputs(zoo: Zoo, k: int, seed: int) -> Tensor:
@@ -139,12 +151,20 @@ def train_aligner(
     ranks = setup(device)
     ranks.share(cfg.batch)  # refuse a batch that does not split evenly, before any work
     out = Path(out)
-    zoo = Zoo(zoo_path)
-    if len(zoo.indices("train")) < 2 or len(zoo.indices("val")) < 2:
-        raise DeepAlignError(f"{zoo_path}: needs at least 2 train and 2 val networks")
-    task = pair_task(zoo, "train", cfg.data_batch)
-    val_task = pair_task(zoo, "val", cfg.data_batch)
-    train_idx = task.indices
+    zoos = open_zoos(zoo_path)
+    for z in zoos:
+        if len(z.indices("train")) < 2 or len(z.indices("val")) < 2:
+            raise DeepAlignError(f"{z.path}: needs at least 2 train and 2 val networks")
+    zoo = zoos[0]
+    layouts = [WeightSpaceLayout.from_config(z.config) for z in zoos]
+    for z, lay in zip(zoos[1:], layouts[1:], strict=True):
+        diff = layouts[0].signature.differences(lay.signature)
+        if diff:
+            raise DeepAlignError(
+                f"{z.path}: not the architecture of {zoo.path} apart from widths ({'; '.join(diff)})"
+            )
+    tasks = [pair_task(z, "train", cfg.data_batch) for z in zoos]
+    val_tasks = [pair_task(z, "val", cfg.data_batch) for z in zoos]
     if cfg.augment.get("scaling", 0) and not _positively_homogeneous(zoo.module()):
         # Rescaling neurons keeps the function only for ReLU-like activations (not SIREN's sine).
         cfg = replace(cfg, augment={**cfg.augment, "scaling": 0.0})
@@ -159,7 +179,7 @@ def train_aligner(
             f"{out}: already holds a training run; pass --resume or choose another --out"
         )
     torch.manual_seed(cfg.seed)
-    layout = WeightSpaceLayout.from_config(zoo.config)
+    layout = layouts[0]
     model = DeepAlign(layout, model_config).to(device)
     if model.probes is not None:  # start the probe inputs at real examples (then learned)
         model.probes.init_inputs(probe_inputs(zoo, model_config.probes, cfg.seed).to(device))
@@ -178,22 +198,31 @@ def train_aligner(
         optimizer.load_state_dict(saved["optimizer"])
         start, best = int(saved["epoch"]) + 1, float(saved["best"])
         history = json.loads(saved["history"])
-    train_states = zoo.load(train_idx)
-    val_pos_a, val_pos_b = _pairs(
-        val_task, min(cfg.val_pairs, 4 * len(val_task.indices)), cfg.seed + 1
-    )
-    val = (
-        zoo.load([val_task.indices[p] for p in val_pos_a], device),
-        zoo.load([val_task.indices[p] for p in val_pos_b], device),
-    )
-    if val_task.inr:
-        val_data = (val_task.x, val_task.y[val_pos_a])
-    else:
-        val_data = zoo.dataset("train").subset(min(512, len(zoo.dataset("train"))), seed=cfg.seed)
+    groups = [
+        TrainGroup(lay, z.module().to(device), z.load(t.indices), t)
+        for z, lay, t in zip(zoos, layouts, tasks, strict=True)
+    ]
+    # validation pairs: the requested number, shared out over the widths by their val sizes
+    n_val = [len(t.indices) for t in val_tasks]
+    want = [max(1, round(cfg.val_pairs * k / sum(n_val))) for k in n_val]
+    vals = []
+    for z, t, count in zip(zoos, val_tasks, want, strict=True):
+        pos_a, pos_b = _pairs(t, min(count, 4 * len(t.indices)), cfg.seed + 1)
+        pair = (
+            z.load([t.indices[p] for p in pos_a], device),
+            z.load([t.indices[p] for p in pos_b], device),
+        )
+        if t.inr:
+            data = (t.x, t.y[pos_a])
+        else:
+            data = z.dataset("train").subset(min(512, len(z.dataset("train"))), seed=cfg.seed)
+        vals.append((z, pair, data, len(pos_a)))
+    widths_seen = [list(lay.hidden_widths) for lay in layouts]
     info = {
         "zoo": str(zoo_path),
         "task": zoo.task,
-        "n_train_networks": len(train_idx),
+        "n_train_networks": sum(len(t.indices) for t in tasks),
+        "widths_seen": widths_seen,
         "train": asdict(cfg),
     }
     if ranks.active:
@@ -211,10 +240,7 @@ def train_aligner(
         row_train = train_epoch(
             model,
             optimizer,
-            layout.spec,
-            zoo.module().to(device),
-            train_states,
-            task,
+            groups,
             cfg,
             epoch,
             device,
@@ -227,7 +253,7 @@ def train_aligner(
             "epoch": epoch,
             "train": row_train,
             "train_seconds": trained,
-            **validate(model, zoo, val, val_data, cfg, device),
+            **_validate_all(model, vals, cfg, device),
         }
         history.append(row)
         improved = row["val_barrier"] < best

@@ -17,14 +17,16 @@ from torch import Tensor, nn
 
 from deepalign.core.arch import Config, build
 from deepalign.core.spec import PermutationSpec
-from deepalign.core.spec_builders import spec_for_module
+from deepalign.core.user_model import config_example, spec_of
 from deepalign.data import Dataset, load
 from deepalign.data.inr import InrTargets
 from deepalign.errors import DeepAlignError
 from deepalign.zoo import storage
 from deepalign.zoo.build import INR_IMAGE_SPLIT, targets_for
-from deepalign.zoo.plan import SPLITS, ZooPlan
+from deepalign.zoo.from_checkpoints import checkpoint_zoo_data
+from deepalign.zoo.plan import CHECKPOINTS, SPLITS, ZooPlan
 from deepalign.zoo.tasks import CLASSIFIER, INR_IMAGE
+from deepalign.zoo.zoo_set import is_set, member_folders
 
 DEFAULT_CACHE_BYTES = 2 << 30
 
@@ -46,6 +48,12 @@ class Zoo:
     ) -> None:
         self.path = Path(path)
         if not (self.path / storage.MANIFEST).is_file():
+            if is_set(self.path):
+                names = ", ".join(p.name for p in member_folders(self.path))
+                raise DeepAlignError(
+                    f"{self.path}: a zoo of several widths ({names}); name one member folder "
+                    "(train takes the whole set)"
+                )
             raise DeepAlignError(f"{self.path}: not a zoo folder (no {storage.MANIFEST})")
         self.plan: ZooPlan = storage.read_plan(self.path)
         self.info: dict[str, Any] = {
@@ -105,7 +113,8 @@ class Zoo:
 
     @cached_property
     def spec(self) -> PermutationSpec:
-        return spec_for_module(self.module())
+        module = self.module()
+        return spec_of(module, config_example(self.config, module))
 
     # -- weights -------------------------------------------------------------------------------
     def load(
@@ -214,6 +223,8 @@ class Zoo:
     # -- task data -----------------------------------------------------------------------------
     def dataset(self, split: str = "test") -> Dataset:
         """The classifier zoo's data set split (``train`` or ``test``; the full split, not a subset)."""
+        if self.plan.task == CHECKPOINTS:
+            return checkpoint_zoo_data(self.plan, split, self._data_dir)
         if self.kind != CLASSIFIER or self.plan.dataset is None:
             raise DeepAlignError(f"{self.path}: {self.task} is an INR zoo; use .targets(indices)")
         return load(self.plan.dataset, split, self._data_dir)
@@ -230,3 +241,10 @@ class Zoo:
             assert self.plan.dataset is not None
             data["images"] = load(self.plan.dataset, INR_IMAGE_SPLIT, self._data_dir)
         return targets_for(self.plan, rows, data)
+
+
+def open_zoos(folder: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[Zoo]:
+    """The zoos in ``folder``: the one zoo, or every member of a zoo set (one per width)."""
+    if is_set(folder):
+        return [Zoo(p, data_dir) for p in member_folders(folder)]
+    return [Zoo(folder, data_dir)]

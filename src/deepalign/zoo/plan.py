@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +20,11 @@ from deepalign.core.arch import Config, describe
 from deepalign.core.seeds import derive_seed
 from deepalign.data.inr import sine_frequency
 from deepalign.errors import DeepAlignError
-from deepalign.zoo.tasks import INR_IMAGE, INR_SINE, get_task
+from deepalign.zoo.tasks import CLASSIFIER, INR_IMAGE, INR_SINE, get_task
 
 FORMAT = "deepalign-zoo/1"
 SPLITS = ("train", "val", "test")
+CHECKPOINTS = "checkpoints"  # the task of a zoo made from checkpoint files (no training)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,13 @@ class ZooPlan:
 
     @property
     def fingerprint(self) -> str:
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        """What identifies the zoo; a zoo from checkpoints may grow (new files), so its count and
+        file list are not part of it (each shard records its files)."""
+        d = self.to_json()
+        if self.task == CHECKPOINTS:
+            d.pop("n")
+            d["extra"] = {k: v for k, v in d["extra"].items() if k != "sources"}
+        text = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def differences(self, other: ZooPlan) -> list[str]:
@@ -94,6 +102,8 @@ class ZooPlan:
     # -- layout --------------------------------------------------------------------------------
     @property
     def kind(self) -> str:
+        if self.task == CHECKPOINTS:
+            return CLASSIFIER if self.dataset else CHECKPOINTS
         return get_task(self.task).kind
 
     @property
@@ -109,8 +119,17 @@ class ZooPlan:
     def splits(self) -> list[str]:
         """The split of every model: a seeded shuffle cut 80/10/10 (or ``split_fractions``).
 
-        INR zoos split by target, so every view of one image or wave lands in the same split.
+        INR zoos split by target, so every view of one image or wave lands in the same split. A
+        zoo from checkpoints splits each file by a hash of its name and the seed, so files added
+        later never move the others.
         """
+        if self.task == CHECKPOINTS:
+            cut = (self.split_fractions[0], self.split_fractions[0] + self.split_fractions[1])
+            out = []
+            for src in self.extra["sources"]:
+                u = derive_seed(self.seed, "split", Path(src).name) / 2**63
+                out.append("train" if u < cut[0] else "val" if u < cut[1] else "test")
+            return out
         units = -(-self.n // self.views)
         g = torch.Generator().manual_seed(derive_seed(self.seed, "split"))
         order = torch.randperm(units, generator=g).tolist()
@@ -136,6 +155,8 @@ class ZooPlan:
                 row["target"], row["view"] = i // self.views, i % self.views
             if self.kind == INR_SINE:
                 row["frequency"] = sine_frequency(self.seed, i // self.views)
+            if self.task == CHECKPOINTS:
+                row["source"] = self.extra["sources"][i]
             rows.append(row)
         return rows
 
