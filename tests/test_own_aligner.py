@@ -333,6 +333,15 @@ def test_python_walkthrough_and_bad_checkpoints(tmp_path):
     x = load("digits", "test").x[:32]
     with torch.no_grad():
         assert torch.allclose(aligned(x), b(x), atol=1e-5)
+
+    # another activation (written in forward, measured): refused, saying so
+    class TanhNet(Net):
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.classifier(torch.tanh(self.middle(torch.tanh(self.encoder(x)))))
+
+    with pytest.raises(DeepAlignError, match="activations: relu/relu vs tanh/tanh"):
+        da.align_models(TanhNet(hidden=24), TanhNet(hidden=24), method="deepalign", aligner=out)
     # a checkpoint that does not fit the class: one line naming the file and the tensor
     bad = tmp_path / "bad"
     bad.mkdir()

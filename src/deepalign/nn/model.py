@@ -376,11 +376,20 @@ class DeepAlign(nn.Module):
             state = module.state_dict()
         acts = None
         if module is not None and self.signature.activations is not None:
-            try:
-                acts = WeightSpaceLayout.from_module(module).activations
-            except DeepAlignError:
-                acts = None
+            acts = self._activations_of(module)
         self.layout_for(spec, state, batch_dims=0, where=where, activations=acts)
+
+    def _activations_of(self, module: nn.Module) -> tuple[str, ...] | None:
+        """The activations of ``module``'s chain, measured once per module (None if unknown)."""
+        cached = getattr(self, "_acts_cache", None)
+        if cached is not None and cached[0] is module:
+            return cached[1]
+        try:
+            acts = WeightSpaceLayout.from_module(module).activations
+        except DeepAlignError:
+            acts = None
+        self._acts_cache = (module, acts)
+        return acts
 
     @classmethod
     def from_pretrained(

@@ -80,12 +80,13 @@ def deepalign_batch(
     spec: PermutationSpec,
     *,
     aligner: Any = None,
+    module: Any = None,
     pair_seeds: list[int] | None = None,
     **_: Any,
 ) -> tuple[Permutation, list[dict[str, Any]]]:
     """N stacked pairs in one forward pass: permutations ``(N, n)``, and per pair an info with the
     aligner's similarities (for the next stage)."""
-    model = check_aligner(aligner, spec, state={k: v[0] for k, v in a.items()})
+    model = check_aligner(aligner, spec, state={k: v[0] for k, v in a.items()}, module=module)
     start = time.perf_counter()
     perm, sims = model.align_with_similarities(a, b, spec)
     n = next(iter(perm.values())).shape[0]
@@ -119,6 +120,7 @@ def deepalign(
         {k: v.unsqueeze(0) for k, v in b.items()},
         spec,
         aligner=aligner,
+        module=module,
     )
     return {g: p[0] for g, p in perm.items()}, infos[0]
 
