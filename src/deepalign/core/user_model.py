@@ -21,6 +21,9 @@ from deepalign.core.spec import PermutationSpec
 from deepalign.errors import DeepAlignError
 
 
+_IMPORTED: dict[tuple[str, int, str], Callable[..., Any]] = {}  # a file's class, until it changes
+
+
 def import_factory(ref: str) -> Callable[..., Any]:
     """The class or function ``NAME`` of ``FILE.py:NAME`` or ``package.module:NAME``."""
     where, sep, name = str(ref).rpartition(":")
@@ -30,6 +33,9 @@ def import_factory(ref: str) -> Callable[..., Any]:
         path = Path(where)
         if not path.is_file():
             raise DeepAlignError(f"model {ref!r}: no such file {where}")
+        key = (str(path.resolve()), path.stat().st_mtime_ns, name)
+        if key in _IMPORTED:
+            return _IMPORTED[key]
         mod_name = f"deepalign_user_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         if spec is None or spec.loader is None:
@@ -53,6 +59,8 @@ def import_factory(ref: str) -> Callable[..., Any]:
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise DeepAlignError(f"model {ref!r}: {where} has no class or function {name!r}")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        _IMPORTED[(str(Path(where).resolve()), Path(where).stat().st_mtime_ns, name)] = factory
     return factory
 
 
