@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from deepalign.core.spec import PermutationSpec
 from deepalign.errors import DeepAlignError
 
-
 _IMPORTED: dict[tuple[str, int, str], Callable[..., Any]] = {}  # a file's class, until it changes
 
 
